@@ -1,0 +1,236 @@
+"""Which token positions a steering context touches, with and without a KV cache.
+
+Positions are absolute: position ``p`` is the ``p``-th token of the padded sequence, whether the
+current forward call covers the whole sequence (no cache) or only its newest tokens (KV cache).
+The context learns which absolute positions a call covers from the root model's keyword
+arguments (``cache_position``, or the length of ``cache`` / ``past_key_values``), and where the
+prompt ends from the ``generate`` call it wraps. Everything a hook computes from that is a tensor
+op on the activation's device: no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+PositionsLike = str | int
+
+
+@dataclass(frozen=True)
+class PositionPolicy:
+    """Where steering applies along the token axis.
+
+    Args:
+        kind: ``"all"``, ``"prompt"`` (tokens of the prompt given to ``generate``; every token of a
+            plain forward call), ``"generated"`` (tokens produced by ``generate``; none in a plain
+            forward call) or ``"from"`` (tokens from real position ``start`` on, counted from each
+            row's first non-padding token).
+        start: First real position for ``kind="from"``.
+    """
+
+    kind: str
+    start: int = 0
+
+    @property
+    def is_all(self) -> bool:
+        return self.kind == "all" or (self.kind == "from" and self.start == 0)
+
+
+_FROM = re.compile(r"^from[:_ ]?(\d+)$")
+POSITION_POLICIES = ("all", "prompt", "generated", "from:K (or an int K)")
+
+
+def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
+    """Parse a position policy: ``"all"``, ``"prompt"``, ``"generated"``, an int ``k`` or ``"from:k"``.
+
+    Examples:
+        >>> as_policy(3)
+        PositionPolicy(kind='from', start=3)
+        >>> as_policy("generated").kind
+        'generated'
+    """
+    if isinstance(positions, PositionPolicy):
+        return positions
+    if isinstance(positions, bool):
+        raise TypeError("positions must be a policy name or an int, got a bool")
+    if isinstance(positions, int):
+        if positions < 0:
+            raise ValueError(f"positions={positions}: a start position must be >= 0")
+        return PositionPolicy("from", positions)
+    if isinstance(positions, str):
+        if positions in ("all", "prompt", "generated"):
+            return PositionPolicy(positions)
+        match = _FROM.match(positions)
+        if match:
+            return PositionPolicy("from", int(match.group(1)))
+    raise ValueError(f"Unknown position policy {positions!r}; use one of {', '.join(POSITION_POLICIES)}")
+
+
+def past_length(cache: Any) -> int:
+    """Number of tokens already held by a KV cache object (0 for ``None``)."""
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is not None:
+        return int(get())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        first = cache[0][0]
+        if isinstance(first, Tensor):
+            return int(first.shape[-2])
+    return 0
+
+
+def leading_padding(attention_mask: Tensor) -> Tensor:
+    """Per-row count of padding tokens before the first real token: ``[B]``."""
+    return (attention_mask.cumsum(-1) == 0).sum(-1)
+
+
+class PositionTracker:
+    """Knows the absolute positions of the current forward call and where the prompt ends.
+
+    One tracker serves every hook of one steering context. The root pre-hook refreshes it before
+    each call of the model; the ``generate`` wrapper records the prompt.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.cache_position: Tensor | None = None
+        self.attention_mask: Tensor | None = None
+        self.prompt_length: int | None = None
+        self.prompt_padding: Tensor | None = None
+        self._arange: dict[torch.device, Tensor] = {}
+        self._padding: Tensor | None = None
+
+    # -- observed from the root model -------------------------------------------------------------
+    def observe_call(self, kwargs: dict[str, Any]) -> None:
+        cache_position = kwargs.get("cache_position")
+        self.cache_position = cache_position if isinstance(cache_position, Tensor) else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.start = 0 if self.cache_position is not None else past_length(cache)
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        self._padding = None
+
+    def end_call(self) -> None:
+        self.start = 0
+        self.cache_position = None
+        self.attention_mask = None
+        self._padding = None
+
+    @contextmanager
+    def generation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(inputs, Tensor):
+            inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
+        previous = (self.prompt_length, self.prompt_padding)
+        if isinstance(inputs, Tensor) and inputs.ndim >= 2:
+            self.prompt_length = int(inputs.shape[1])
+        mask = kwargs.get("attention_mask")
+        self.prompt_padding = leading_padding(mask) if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        try:
+            yield
+        finally:
+            self.prompt_length, self.prompt_padding = previous
+
+    # -- used by hooks ----------------------------------------------------------------------------
+    def positions(self, length: int, device: torch.device) -> Tensor:
+        """Absolute positions ``[L]`` of the tokens of the current call."""
+        if self.cache_position is not None and self.cache_position.shape[-1] == length:
+            return self.cache_position.to(device, non_blocking=True).reshape(-1)
+        stop = self.start + length
+        cached = self._arange.get(device)
+        if cached is None or cached.shape[0] < stop:
+            cached = torch.arange(max(stop, 2 * (cached.shape[0] if cached is not None else 256)), device=device)
+            self._arange[device] = cached
+        return cached[self.start : stop]
+
+    def padding(self, device: torch.device) -> Tensor | None:
+        """Per-row leading padding ``[B]`` of the current sequence, or ``None`` when unknown."""
+        if self.prompt_padding is not None:
+            return self.prompt_padding.to(device, non_blocking=True)
+        if self._padding is None and self.attention_mask is not None:
+            self._padding = leading_padding(self.attention_mask)
+        return None if self._padding is None else self._padding.to(device, non_blocking=True)
+
+    def window(self, length: int) -> tuple[int, int] | None:
+        """Host-side ``(start, stop)`` of the current call when known without reading a tensor."""
+        if self.cache_position is not None:
+            return None
+        return self.start, self.start + length
+
+    def mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Tensor | None | bool:
+        """Selection mask for ``policy`` over the current call.
+
+        Returns:
+            ``None`` when every position is selected, ``False`` when none is, else a bool tensor
+            ``[1, L]`` or ``[B, L]``.
+        """
+        if policy.is_all:
+            return None
+        window = self.window(length)
+        if policy.kind in ("prompt", "generated"):
+            if self.prompt_length is None:
+                return None if policy.kind == "prompt" else False
+            if window is not None:
+                start, stop = window
+                if policy.kind == "prompt":
+                    if stop <= self.prompt_length:
+                        return None
+                    if start >= self.prompt_length:
+                        return False
+                else:
+                    if start >= self.prompt_length:
+                        return None
+                    if stop <= self.prompt_length:
+                        return False
+            pos = self.positions(length, device)
+            selected = pos < self.prompt_length if policy.kind == "prompt" else pos >= self.prompt_length
+            return selected.unsqueeze(0)
+        # "from": real positions counted from each row's first non-padding token
+        padding = self.padding(device)
+        if padding is None and window is not None:
+            start, stop = window
+            if start >= policy.start:
+                return None
+            if stop <= policy.start:
+                return False
+        pos = self.positions(length, device).unsqueeze(0)
+        if padding is not None:
+            pos = pos - padding.unsqueeze(-1)
+        return pos >= policy.start
+
+    def real_positions(self, length: int, device: torch.device) -> Tensor:
+        """Positions counted from each row's first real token: ``[B, L]`` or ``[1, L]``."""
+        pos = self.positions(length, device).unsqueeze(0)
+        padding = self.padding(device)
+        return pos if padding is None else pos - padding.unsqueeze(-1)
+
+
+def wrap_generate(model: nn.Module, tracker: PositionTracker) -> Callable[[], None] | None:
+    """Route ``model.generate`` through ``tracker.generation``; return the undo, or ``None``."""
+    bound = getattr(model, "generate", None)
+    if bound is None or not callable(bound):
+        return None
+    had_own = "generate" in model.__dict__
+    previous = model.__dict__.get("generate")
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with tracker.generation(args, kwargs):
+            return bound(*args, **kwargs)
+
+    generate.__doc__ = getattr(bound, "__doc__", None)
+    object.__setattr__(model, "generate", generate)
+
+    def undo() -> None:
+        if had_own:
+            object.__setattr__(model, "generate", previous)
+        else:
+            model.__dict__.pop("generate", None)
+
+    return undo

@@ -1,0 +1,338 @@
+"""``SteeringVector``: directions per site, their metadata, arithmetic and safetensors files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tdsteer._version import __version__
+from tdsteer.sites import Site, SiteLike, as_site, as_sites
+
+FORMAT = "tdsteer.steering_vector"
+FORMAT_VERSION = 1
+_HEADER_KEY = "tdsteer"
+
+
+class SteeringVectorFileError(ValueError):
+    """A steering-vector file is missing, truncated, corrupted or not a tdsteer file."""
+
+
+def model_type_of(model: nn.Module) -> str:
+    """The model type recorded in vectors: ``config.model_type`` when there is one, else the class name."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return str(model_type) if model_type else type(model).__name__
+
+
+def model_name_of(model: nn.Module) -> str | None:
+    """The model name recorded in vectors: ``config.name_or_path`` (or ``_name_or_path``) when set."""
+    config = getattr(model, "config", None)
+    for attr in ("name_or_path", "_name_or_path"):
+        value = getattr(config, attr, None)
+        if value:
+            return str(value)
+    return None
+
+
+@dataclass
+class SteeringVector:
+    """Steering directions for one or more sites of one model, with where they came from.
+
+    Args:
+        directions: Site key -> tensor ``[C]`` (or ``[L, C]`` per position, from ``actadd``).
+        sites: Site key -> :class:`~tdsteer.Site`; defaults to plain module paths.
+        metadata: Free-form JSON-compatible record. Extraction fills ``model_name``, ``model_type``,
+            ``hidden_sizes``, ``method``, ``read``, ``data_fingerprint``, ``num_examples``,
+            ``tdsteer_version`` and ``created``.
+
+    Examples:
+        >>> import torch
+        >>> v = SteeringVector({"model.layers.3": torch.ones(4)})
+        >>> (2 * v - v)["model.layers.3"].tolist()
+        [1.0, 1.0, 1.0, 1.0]
+        >>> v.normalize()["model.layers.3"].norm().item()
+        1.0
+    """
+
+    directions: dict[str, Tensor]
+    sites: dict[str, Site] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        directions: dict[str, Tensor] = {}
+        sites: dict[str, Site] = {}
+        for key, tensor in self.directions.items():
+            site = self.sites.get(key) if isinstance(key, str) else None
+            site = site or as_site(key)
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"Direction for site {site.key!r} must be a tensor, got {type(tensor).__name__}")
+            if tensor.ndim not in (1, 2):
+                raise ValueError(f"Direction for site {site.key!r} must be [C] or [L, C], got {tuple(tensor.shape)}")
+            directions[site.key] = tensor.detach()
+            sites[site.key] = site
+        if not directions:
+            raise ValueError("A SteeringVector needs at least one site")
+        self.directions = directions
+        self.sites = sites
+        self.metadata = dict(self.metadata)
+        self.metadata.setdefault("hidden_sizes", {k: int(v.shape[-1]) for k, v in directions.items()})
+        self.metadata.setdefault("tdsteer_version", __version__)
+
+    # -- mapping-like access ----------------------------------------------------------------------
+    def __getitem__(self, key: SiteLike) -> Tensor:
+        return self.directions[as_site(key).key if isinstance(key, Site) else key]
+
+    def __contains__(self, key: object) -> bool:
+        return (key.key if isinstance(key, Site) else key) in self.directions
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.directions)
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+    def keys(self) -> list[str]:
+        """Site keys, in order."""
+        return list(self.directions)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.directions.items())
+        method = self.metadata.get("method")
+        return f"SteeringVector({shapes}{', method=' + repr(method) if method else ''})"
+
+    # -- arithmetic -------------------------------------------------------------------------------
+    def _derived(self, directions: dict[str, Tensor], **changes: Any) -> SteeringVector:
+        metadata = {**self.metadata, **changes}
+        return SteeringVector(directions, dict(self.sites), metadata)
+
+    def _binary(self, other: SteeringVector, sign: float) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if set(self.directions) != set(other.directions):
+            raise ValueError(
+                f"Cannot combine vectors over different sites: {sorted(self.directions)} vs {sorted(other.directions)}; "
+                "use .select(sites) first"
+            )
+        for key in self.directions:
+            if self.directions[key].shape != other.directions[key].shape:
+                raise ValueError(
+                    f"Site {key!r}: shapes differ ({tuple(self.directions[key].shape)} vs "
+                    f"{tuple(other.directions[key].shape)})"
+                )
+        mt_a, mt_b = self.metadata.get("model_type"), other.metadata.get("model_type")
+        if mt_a and mt_b and mt_a != mt_b:
+            raise ValueError(f"Cannot combine a vector for model type {mt_a!r} with one for {mt_b!r}")
+        directions = {k: v + sign * other.directions[k].to(v.dtype) for k, v in self.directions.items()}
+        return self._derived(directions, method="combination")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._binary(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._binary(other, -1.0)
+
+    def __mul__(self, factor: float) -> SteeringVector:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return self._derived({k: v * factor for k, v in self.directions.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, factor: float) -> SteeringVector:
+        return self * (1.0 / factor)
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def normalize(self) -> SteeringVector:
+        """Each site's direction scaled to unit norm (per position for ``[L, C]`` directions)."""
+        return self._derived(
+            {k: v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, v in self.directions.items()}
+        )
+
+    def select(self, sites: SiteLike | Iterable[SiteLike]) -> SteeringVector:
+        """A vector with only the given sites (by :class:`Site` or key)."""
+        wanted = [s.key if isinstance(s, Site) else s for s in ([sites] if isinstance(sites, (str, Site)) else sites)]
+        missing = [k for k in wanted if k not in self.directions]
+        if missing:
+            raise KeyError(f"Sites {missing} are not in this vector; it has {sorted(self.directions)}")
+        return SteeringVector({k: self.directions[k] for k in wanted}, {k: self.sites[k] for k in wanted}, self.metadata)
+
+    def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+        """Move or cast every direction (``torch.Tensor.to`` arguments)."""
+        return self._derived({k: v.to(*args, **kwargs) for k, v in self.directions.items()})
+
+    # -- checks -----------------------------------------------------------------------------------
+    def validate(self, model: nn.Module, *, on_mismatch: str = "warn") -> None:
+        """Check that this vector fits ``model``.
+
+        Every site must resolve to a module; a model with ``config.hidden_size`` must match the
+        direction sizes of its residual sites; a different recorded model type warns, errors or is
+        ignored per ``on_mismatch``. (Sizes are checked again on every steered call.)
+
+        Args:
+            model: The model the vector is about to steer.
+            on_mismatch: ``"warn"``, ``"error"`` or ``"ignore"`` for a model-type mismatch.
+
+        Raises:
+            ValueError: A site does not resolve, or (with ``on_mismatch="error"``) another model type.
+        """
+        if on_mismatch not in ("warn", "error", "ignore"):
+            raise ValueError(f"on_mismatch must be 'warn', 'error' or 'ignore', got {on_mismatch!r}")
+        for site in self.sites.values():
+            site.module(model)
+        recorded = self.metadata.get("model_type")
+        actual = model_type_of(model)
+        if recorded and recorded != actual and on_mismatch != "ignore":
+            message = (
+                f"This steering vector was made for model type {recorded!r} but the model is {actual!r}; "
+                "pass check='ignore' (or on_mismatch='ignore') if that is intended"
+            )
+            if on_mismatch == "error":
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    # -- files ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save as safetensors, with the sites and metadata as JSON in the file header.
+
+        Returns:
+            The path written.
+
+        Examples:
+            >>> import tempfile, torch
+            >>> v = SteeringVector({"h.0": torch.arange(3.0)}, metadata={"method": "mean_diff"})
+            >>> p = v.save(tempfile.mkdtemp() + "/v.safetensors")
+            >>> SteeringVector.load(p).metadata["method"]
+            'mean_diff'
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sites": {k: s.to_dict() for k, s in self.sites.items()},
+            "metadata": self.metadata,
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.directions.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header, default=_json_default)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SteeringVector:
+        """Load a vector saved by :meth:`save`.
+
+        Raises:
+            SteeringVectorFileError: The file is missing, truncated, corrupted, or not a tdsteer file.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SteeringVectorFileError(f"No steering-vector file at {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                raw = (handle.metadata() or {}).get(_HEADER_KEY)
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except Exception as error:  # safetensors raises several error types for bad files
+            raise SteeringVectorFileError(
+                f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {error}"
+            ) from None
+        if raw is None:
+            raise SteeringVectorFileError(
+                f"{str(path)!r} is a safetensors file without tdsteer metadata; "
+                "wrap its tensors with SteeringVector({site: tensor}) instead"
+            )
+        try:
+            header = json.loads(raw)
+            if header.get("format") != FORMAT:
+                raise ValueError(f"format is {header.get('format')!r}")
+            if int(header.get("format_version", 0)) > FORMAT_VERSION:
+                raise ValueError(f"format_version {header['format_version']} is newer than this tdsteer reads")
+            sites = {k: Site.from_dict(v) for k, v in header["sites"].items()}
+            metadata = dict(header.get("metadata", {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SteeringVectorFileError(f"{str(path)!r} has a bad tdsteer header: {error}") from None
+        if set(sites) != set(tensors):
+            raise SteeringVectorFileError(
+                f"{str(path)!r}: header names sites {sorted(sites)} but the file holds tensors {sorted(tensors)}"
+            )
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise SteeringVectorFileError(f"{str(path)!r}: direction {key!r} contains NaN or infinite values")
+        return cls({k: tensors[k] for k in sites}, sites, metadata)
+
+    # -- interchange ------------------------------------------------------------------------------
+    def to_lm_eval(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Export to lm-eval's ``steered`` ``.pt`` format; see :func:`tdsteer.formats.save_lm_eval`."""
+        from tdsteer.formats import save_lm_eval
+
+        return save_lm_eval(self, path, **kwargs)
+
+    def to_gguf(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Export to a llama.cpp GGUF control vector; see :func:`tdsteer.formats.save_gguf`."""
+        from tdsteer.formats import save_gguf
+
+        return save_gguf(self, path, **kwargs)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def make_metadata(
+    model: nn.Module | None,
+    directions: Mapping[str, Tensor],
+    *,
+    method: str,
+    read: object,
+    fingerprint: str | None,
+    num_examples: int,
+    model_name: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metadata record extraction attaches to a vector."""
+    return {
+        "model_name": model_name or (model_name_of(model) if model is not None else None),
+        "model_type": model_type_of(model) if model is not None else None,
+        "hidden_sizes": {k: int(v.shape[-1]) for k, v in directions.items()},
+        "method": method,
+        "read": read if isinstance(read, (str, int)) or read is None else repr(read),
+        "data_fingerprint": fingerprint,
+        "num_examples": num_examples,
+        "tdsteer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(dict(extra) if extra else {}),
+    }
+
+
+def vector_from_sites(
+    directions: Mapping[SiteLike, Tensor], metadata: Mapping[str, Any] | None = None
+) -> SteeringVector:
+    """Build a vector from ``{Site or path: tensor}``."""
+    sites = as_sites(list(directions))
+    return SteeringVector(
+        {s.key: t for s, t in zip(sites, directions.values(), strict=True)},
+        {s.key: s for s in sites},
+        dict(metadata or {}),
+    )
