@@ -1,15 +1,45 @@
 """tdsteer: activation steering for PyTorch models on tdhook and tensordict."""
 
 from tdsteer._version import __version__
+from tdsteer.activation_addition import ActivationAddition
+from tdsteer.aggregators import (
+    ActAdd,
+    Aggregator,
+    LinearProbe,
+    MeanDiff,
+    PCACenter,
+    PCADiff,
+    make_aggregator,
+    register_method,
+)
+from tdsteer.extraction import Extraction, SiteRecorder, extract
 from tdsteer.indices import take_indices
+from tdsteer.keys import BatchKeys
 from tdsteer.operators import Ablate, Add, AddNorm, Clamp, Custom, Operator, register_operator
 from tdsteer.positions import PositionPolicy
+from tdsteer.reading import ReadContext, TokenReading, register_reader
 from tdsteer.sites import Site, as_site, as_sites
 from tdsteer.steering import SteeringVectors, steer
 from tdsteer.vector import SteeringVector, SteeringVectorFileError
 
 __all__ = [
     "Ablate",
+    "ActAdd",
+    "ActivationAddition",
+    "Aggregator",
+    "BatchKeys",
+    "Extraction",
+    "LinearProbe",
+    "MeanDiff",
+    "PCACenter",
+    "PCADiff",
+    "ReadContext",
+    "SiteRecorder",
+    "TokenReading",
+    "extract",
+    "make_aggregator",
+    "register_method",
+    "register_reader",
     "Add",
     "AddNorm",
     "Clamp",
