@@ -283,6 +283,20 @@ class SteeringVector:
 
         return save_lm_eval(self, path, **kwargs)
 
+    @classmethod
+    def from_lm_eval(cls, path: str | os.PathLike[str], **kwargs: Any) -> SteeringVector:
+        """Import lm-eval's ``steered`` ``.pt`` format; see :func:`tdsteer.formats.load_lm_eval`."""
+        from tdsteer.formats import load_lm_eval
+
+        return load_lm_eval(path, **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> SteeringVector:
+        """Import a llama.cpp GGUF control vector; see :func:`tdsteer.formats.load_gguf`."""
+        from tdsteer.formats import load_gguf
+
+        return load_gguf(path, **kwargs)
+
     def to_gguf(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Export to a llama.cpp GGUF control vector; see :func:`tdsteer.formats.save_gguf`."""
         from tdsteer.formats import save_gguf
