@@ -1,0 +1,129 @@
+"""SteeringVector: arithmetic, safetensors files, lm-eval and GGUF interchange, bad files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from tdsteer import Site, SteeringVector, SteeringVectorFileError, steer
+from tdsteer.formats import load_gguf, load_lm_eval, save_gguf, save_lm_eval
+
+
+def _vector() -> SteeringVector:
+    torch.manual_seed(0)
+    return SteeringVector(
+        {"model.layers.1": torch.randn(16), Site("model.layers.3", slot=0).key: torch.randn(16)},
+        metadata={"model_type": "llama", "method": "mean_diff", "read": "last", "data_fingerprint": "ab" * 32},
+    )
+
+
+def test_arithmetic_and_select():
+    a = _vector()
+    b = a * 2
+    assert torch.equal((b - a)["model.layers.1"], a["model.layers.1"])
+    assert torch.equal((a + a)["model.layers.3"], b["model.layers.3"])
+    assert torch.equal((-a)["model.layers.1"], -a["model.layers.1"])
+    assert torch.allclose(a.normalize()["model.layers.1"].norm(), torch.tensor(1.0))
+    only = a.select(["model.layers.3"])
+    assert only.keys() == ["model.layers.3"]
+    with pytest.raises(ValueError, match="different sites"):
+        a + only
+    with pytest.raises(KeyError, match="not in this vector"):
+        a.select("model.layers.7")
+    other = SteeringVector({"model.layers.1": torch.randn(16), "model.layers.3": torch.randn(16)},
+                           metadata={"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="model type"):
+        a + other
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    vector = _vector()
+    vector.directions["model.layers.1"] = vector.directions["model.layers.1"].to(torch.bfloat16)
+    path = vector.save(tmp_path / "v.safetensors")
+    loaded = SteeringVector.load(path)
+    assert loaded.keys() == vector.keys()
+    for key in vector.keys():
+        assert loaded[key].dtype == vector[key].dtype
+        assert torch.equal(loaded[key], vector[key])
+    assert loaded.metadata == vector.metadata
+    assert loaded.sites == vector.sites
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    path = _vector().save(tmp_path / "v.safetensors")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 20])
+    with pytest.raises(SteeringVectorFileError, match="truncated or corrupted"):
+        SteeringVector.load(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(SteeringVectorFileError):
+        SteeringVector.load(garbage)
+    with pytest.raises(SteeringVectorFileError, match="No steering-vector file"):
+        SteeringVector.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(3)}, str(plain))
+    with pytest.raises(SteeringVectorFileError, match="without tdsteer metadata"):
+        SteeringVector.load(plain)
+
+
+def test_lm_eval_round_trip_and_format(tmp_path):
+    vector = _vector()
+    path = save_lm_eval(vector, tmp_path / "steer.pt", scale=2.0, prefix="model")
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"layers.1", "layers.3"}
+    entry = raw["layers.1"]
+    assert entry["action"] == "add" and entry["steering_coefficient"] == 2.0 and entry["bias"] is None
+    back = SteeringVector.from_lm_eval(path, prefix="model")
+    for key in vector.keys():
+        torch.testing.assert_close(back[key], 2.0 * vector[key])
+    clamp = load_lm_eval(save_lm_eval(vector, tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="model"),
+                         prefix="model")
+    assert clamp.metadata["operator"] == "clamp"
+    torch.testing.assert_close(clamp["model.layers.1"].norm(), torch.tensor(3.0))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_lm_eval_import_refuses_code_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"layers.0": {"steering_vector": _Exploit()}}, handle)
+    with pytest.raises(SteeringVectorFileError, match="refuses"):
+        load_lm_eval(path)
+
+
+def test_gguf_round_trip(tmp_path):
+    pytest.importorskip("gguf")
+    vector = _vector()
+    path = save_gguf(vector, tmp_path / "v.gguf")
+    back = load_gguf(path, path_template="model.layers.{i}")
+    assert back.keys() == ["model.layers.1", "model.layers.3"]
+    assert back.metadata["model_type"] == "llama"
+    for key in vector.keys():
+        assert torch.equal(back[key], vector[key])
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(SteeringVectorFileError):
+        load_gguf(tmp_path / "bad.gguf", path_template="model.layers.{i}")
+
+
+def test_loaded_vector_steers_like_the_original(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    vector = SteeringVector({"0": torch.randn(4)})
+    loaded = SteeringVector.load(vector.save(tmp_path / "v.safetensors"))
+    x = torch.randn(3, 4)
+    with steer(model, vector, scale=2.0):
+        a = model(x)
+    with steer(model, loaded, scale=2.0):
+        b = model(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, model(x))
