@@ -42,8 +42,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for method in METHODS:
             shard = _batches(method)[rank::world]
             vector = extract(model, shard, ["1"], method=method, read=_read(method), progress=False, distributed=True)
-            torch.save({"direction": vector["1"], "n": vector.metadata["num_examples"]},
-                       os.path.join(out_dir, f"{method}-{rank}.pt"))
+            torch.save(
+                {"direction": vector["1"], "n": vector.metadata["num_examples"]},
+                os.path.join(out_dir, f"{method}-{rank}.pt"),
+            )
     finally:
         dist.destroy_process_group()
 

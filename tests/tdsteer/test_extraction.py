@@ -27,8 +27,8 @@ def _states(model: ToyLM, rows: list[list[int]], layer: int) -> list[torch.Tenso
     """Block outputs of each example run alone, unpadded: the hand computation's input."""
     out = []
     for row in rows:
-        seen = {}
-        handle = model.blocks[layer].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0]))
+        seen: dict[str, torch.Tensor] = {}
+        handle = model.blocks[layer].register_forward_hook(lambda m, a, o, _seen=seen: _seen.__setitem__("h", o[0]))
         model(torch.tensor([row]))
         handle.remove()
         out.append(seen["h"][0])
@@ -226,7 +226,9 @@ def test_renamed_batch_keys(toy_lm):
     keys = BatchKeys().set_keys(positive="chosen", negative="rejected")
     batch = {"chosen": _pad(POS, "left"), "rejected": _pad(NEG, "left")}
     renamed = extract(toy_lm, [batch], ["blocks.0"], keys=keys, progress=False)
-    default = extract(toy_lm, [{"positive": batch["chosen"], "negative": batch["rejected"]}], ["blocks.0"], progress=False)
+    default = extract(
+        toy_lm, [{"positive": batch["chosen"], "negative": batch["rejected"]}], ["blocks.0"], progress=False
+    )
     assert torch.equal(renamed["blocks.0"], default["blocks.0"])
     with pytest.raises(ValueError, match="Unknown batch keys"):
         BatchKeys().set_keys(postive="x")

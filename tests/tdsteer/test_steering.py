@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_models import ToyCNN, ToyLM
+from toy_models import ToyLM
 
 import tdsteer
 from tdsteer import Site, SteeringVector, SteeringVectors, steer
@@ -139,7 +139,7 @@ def test_prompt_and_generated_split_the_tokens(toy_lm):
         positions: list[int] = []
 
         def record(h, vec, scale, _positions=positions):
-            positions.append(h.shape[1])
+            _positions.append(h.shape[1])
             return h + vec
 
         with steer(toy_lm, {"blocks.0": v}, operator=record, positions=policy):
@@ -193,12 +193,14 @@ def test_unknown_site_operator_and_policy_are_clear_errors(toy_lm):
     with pytest.raises(ValueError, match="blocks.9"), steer(toy_lm, {"blocks.9": torch.randn(8)}):
         pass
     assert _no_hooks(toy_lm)
-    with pytest.raises(ValueError, match="Unknown operator 'shove'"), steer(
-        toy_lm, {"blocks.1": torch.randn(8)}, operator="shove"
+    with (
+        pytest.raises(ValueError, match="Unknown operator 'shove'"),
+        steer(toy_lm, {"blocks.1": torch.randn(8)}, operator="shove"),
     ):
         pass
-    with pytest.raises(ValueError, match="Unknown position policy 'middle'"), steer(
-        toy_lm, {"blocks.1": torch.randn(8)}, positions="middle"
+    with (
+        pytest.raises(ValueError, match="Unknown position policy 'middle'"),
+        steer(toy_lm, {"blocks.1": torch.randn(8)}, positions="middle"),
     ):
         pass
     with pytest.raises(ValueError, match="NaN"), steer(toy_lm, {"blocks.1": torch.full((8,), float("nan"))}):

@@ -33,8 +33,9 @@ def test_arithmetic_and_select():
         a + only
     with pytest.raises(KeyError, match="not in this vector"):
         a.select("model.layers.7")
-    other = SteeringVector({"model.layers.1": torch.randn(16), "model.layers.3": torch.randn(16)},
-                           metadata={"model_type": "gpt2"})
+    other = SteeringVector(
+        {"model.layers.1": torch.randn(16), "model.layers.3": torch.randn(16)}, metadata={"model_type": "gpt2"}
+    )
     with pytest.raises(ValueError, match="model type"):
         a + other
 
@@ -45,7 +46,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     path = vector.save(tmp_path / "v.safetensors")
     loaded = SteeringVector.load(path)
     assert loaded.keys() == vector.keys()
-    for key in vector.keys():
+    for key in vector:
         assert loaded[key].dtype == vector[key].dtype
         assert torch.equal(loaded[key], vector[key])
     assert loaded.metadata == vector.metadata
@@ -81,10 +82,11 @@ def test_lm_eval_round_trip_and_format(tmp_path):
     entry = raw["layers.1"]
     assert entry["action"] == "add" and entry["steering_coefficient"] == 2.0 and entry["bias"] is None
     back = SteeringVector.from_lm_eval(path, prefix="model")
-    for key in vector.keys():
+    for key in vector:
         torch.testing.assert_close(back[key], 2.0 * vector[key])
-    clamp = load_lm_eval(save_lm_eval(vector, tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="model"),
-                         prefix="model")
+    clamp = load_lm_eval(
+        save_lm_eval(vector, tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="model"), prefix="model"
+    )
     assert clamp.metadata["operator"] == "clamp"
     torch.testing.assert_close(clamp["model.layers.1"].norm(), torch.tensor(3.0))
 
@@ -109,7 +111,7 @@ def test_gguf_round_trip(tmp_path):
     back = load_gguf(path, path_template="model.layers.{i}")
     assert back.keys() == ["model.layers.1", "model.layers.3"]
     assert back.metadata["model_type"] == "llama"
-    for key in vector.keys():
+    for key in vector:
         assert torch.equal(back[key], vector[key])
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(SteeringVectorFileError):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase
-from tensordict.utils import NestedKey
-
 from tdhook.contexts import HookingContextFactory
 from tdhook.hooks import EarlyStoppingException
 from tdhook.modules import HookedModule
 from tdhook.runtime import BoundHookProgram
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+
 from tdsteer.aggregators import Aggregator
 from tdsteer.extraction import Extraction, SiteRecorder
 from tdsteer.reading import Reader, Reading, ReadLike

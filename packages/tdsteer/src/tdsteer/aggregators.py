@@ -34,7 +34,9 @@ def _paired(pos: Reading, neg: Reading, method: str) -> tuple[Tensor, Tensor]:
             "use a read that gives one row per example (read='last', 'mean', an index, ...)"
         )
     if pos.shape != neg.shape:
-        raise ValueError(f"method={method!r}: positive rows {tuple(pos.shape)} and negative rows {tuple(neg.shape)} differ")
+        raise ValueError(
+            f"method={method!r}: positive rows {tuple(pos.shape)} and negative rows {tuple(neg.shape)} differ"
+        )
     return pos.to(_F64), neg.to(_F64)
 
 
@@ -245,7 +247,7 @@ class LinearProbe(Aggregator):
 
         with torch.enable_grad():
             optimizer.step(closure)
-        direction = (w.detach() / sigma)
+        direction = w.detach() / sigma
         direction = direction / direction.norm().clamp_min(1e-12)
         mean_diff = pos.mean(0) - neg.mean(0)
         return direction * (mean_diff @ direction).abs()

@@ -7,14 +7,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
-from torch import Tensor, nn
-from tqdm.auto import tqdm
-
 from tdhook.contexts import HookingContextFactory
 from tdhook.hooks import EarlyStoppingException, HookFactory
 from tdhook.modules import HookedModule
 from tdhook.runtime import BoundHookProgram, HookProgramBuilder, HookSpec
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.keys import BatchKeys
 from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, describe_read
@@ -59,7 +59,9 @@ class SiteRecorder(HookingContextFactory):
     def _callback(self, site: Site) -> Callable[..., None]:
         total = len(self.sites)
 
-        def callback(module: nn.Module, args: tuple[Any, ...], output: Any = None, kwargs: Any = None, **_: Any) -> None:
+        def callback(
+            module: nn.Module, args: tuple[Any, ...], output: Any = None, kwargs: Any = None, **_: Any
+        ) -> None:
             if site.io == "output":
                 h = site.select(output)
             else:
@@ -76,7 +78,9 @@ class SiteRecorder(HookingContextFactory):
 
         return callback
 
-    def run(self, model: nn.Module, inputs: Any, attention_mask: Tensor | None, index: Tensor | None) -> dict[str, Reading]:
+    def run(
+        self, model: nn.Module, inputs: Any, attention_mask: Tensor | None, index: Tensor | None
+    ) -> dict[str, Reading]:
         """Call ``model`` on ``inputs`` (inside an entered context) and return the readings."""
         self.readings = {}
         self.attention_mask, self.index = attention_mask, index
@@ -232,7 +236,7 @@ class Extraction:
                 f"Each batch must be a mapping with {self.keys.positive!r} and {self.keys.negative!r} entries, "
                 f"got {type(batch).__name__}"
             )
-        missing = [k for k in (self.keys.positive, self.keys.negative) if k not in batch.keys()]
+        missing = [k for k in (self.keys.positive, self.keys.negative) if k not in batch]
         if missing:
             raise KeyError(
                 f"Batch is missing {missing}; it has {sorted(map(str, batch.keys()))}. "

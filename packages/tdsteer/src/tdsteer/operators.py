@@ -8,6 +8,8 @@ where the operator applies and 0 elsewhere; positions outside the mask come back
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -151,7 +153,9 @@ def register_operator(name: str) -> Callable[[Callable[[], Operator]], Callable[
 
 
 def as_operator(operator: str | Operator | Callable[..., Tensor]) -> Operator:
-    """Resolve an operator name, an operator object, or a plain ``fn(h, v, scale)`` callable."""
+    """Resolve an operator: a registered name, an operator object (an instance whose
+    ``__call__(h, v, scale, mask)`` handles the mask itself), or a plain function
+    ``fn(h, v, scale) -> h`` (wrapped in :class:`Custom`)."""
     if isinstance(operator, str):
         try:
             return OPERATORS[operator]()
@@ -160,16 +164,8 @@ def as_operator(operator: str | Operator | Callable[..., Tensor]) -> Operator:
                 f"Unknown operator {operator!r}; use one of {', '.join(sorted(OPERATORS))}, "
                 "an Operator object, or a callable fn(h, v, scale)"
             ) from None
-    if isinstance(operator, (Add, Ablate, Clamp, AddNorm, Custom)):
-        return operator
-    if callable(operator):
-        import inspect
-
-        try:
-            params = inspect.signature(operator).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if len(params) == 4:
-            return operator  # type: ignore[return-value]
+    if isinstance(operator, (types.FunctionType, types.MethodType, functools.partial)):
         return Custom(operator)
+    if callable(operator):
+        return operator  # an object with __call__(h, v, scale, mask)
     raise TypeError(f"operator must be a name, an Operator or a callable, got {type(operator).__name__}")

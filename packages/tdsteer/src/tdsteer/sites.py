@@ -6,9 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from torch import nn
-
 from tdhook.paths import resolve_submodule_path
+from torch import nn
 
 Layout = Literal["NLC", "NCHW", "NHWC"]
 LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")

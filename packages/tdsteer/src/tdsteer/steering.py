@@ -8,12 +8,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
-
 from tdhook.contexts import HookingContextFactory
 from tdhook.hooks import HookFactory
 from tdhook.modules import HookedModule
 from tdhook.runtime import BoundHookProgram, HookProgramBuilder, HookSpec
+from torch import Tensor, nn
+
 from tdsteer.operators import Add, Custom, Operator, Scale, as_operator
 from tdsteer.positions import PositionPolicy, PositionsLike, PositionTracker, as_policy, wrap_generate
 from tdsteer.sites import Site, SiteLike, as_site, as_sites

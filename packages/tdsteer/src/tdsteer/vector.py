@@ -8,7 +8,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,7 @@ class SteeringVector:
 
     def normalize(self) -> SteeringVector:
         """Each site's direction scaled to unit norm (per position for ``[L, C]`` directions)."""
-        return self._derived(
-            {k: v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, v in self.directions.items()}
-        )
+        return self._derived({k: v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, v in self.directions.items()})
 
     def select(self, sites: SiteLike | Iterable[SiteLike]) -> SteeringVector:
         """A vector with only the given sites (by :class:`Site` or key)."""
@@ -166,7 +164,9 @@ class SteeringVector:
         missing = [k for k in wanted if k not in self.directions]
         if missing:
             raise KeyError(f"Sites {missing} are not in this vector; it has {sorted(self.directions)}")
-        return SteeringVector({k: self.directions[k] for k in wanted}, {k: self.sites[k] for k in wanted}, self.metadata)
+        return SteeringVector(
+            {k: self.directions[k] for k in wanted}, {k: self.sites[k] for k in wanted}, self.metadata
+        )
 
     def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
         """Move or cast every direction (``torch.Tensor.to`` arguments)."""
@@ -335,7 +335,7 @@ def make_metadata(
         "data_fingerprint": fingerprint,
         "num_examples": num_examples,
         "tdsteer_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **(dict(extra) if extra else {}),
     }
 
