@@ -94,10 +94,10 @@ class _ContrastiveRun(TensorDictModuleBase):
         super().__init__()
         self.module = module
         self.owner = owner
-        self.in_keys = [(owner.positive_key, k) for k in module.in_keys] + [
+        self.in_keys: list[Any] = [(owner.positive_key, k) for k in module.in_keys] + [
             (owner.negative_key, k) for k in module.in_keys
         ]
-        self.out_keys = [(owner.steer_key, s.key) for s in owner.extraction.sites]
+        self.out_keys: list[Any] = [(owner.steer_key, s.key) for s in owner.extraction.sites]
 
     def _read(self, inputs: TensorDictBase) -> dict[str, Reading]:
         recorder = self.owner.recorder

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -49,7 +50,10 @@ Reader = Callable[[Tensor, ReadContext], Reading]
 READERS: dict[str, Reader] = {}
 
 
-def register_reader(name: str) -> Callable[[Reader], Reader]:
+ReaderT = TypeVar("ReaderT", bound=Reader)
+
+
+def register_reader(name: str) -> Callable[[ReaderT], ReaderT]:
     """Register a reader ``fn(h, ctx) -> [B, C] or TokenReading`` under ``name``.
 
     Examples:
@@ -58,7 +62,7 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
         ...     return h.amax(dim=1)
     """
 
-    def decorator(fn: Reader) -> Reader:
+    def decorator(fn: ReaderT) -> ReaderT:
         READERS[name] = fn
         return fn
 

@@ -152,6 +152,7 @@ class SteeringVectors(HookingContextFactory):
         self.policy = as_policy(positions)
         self.scale = _check_scale(scale)
         self._vectors = self._match_vectors(vectors) if vectors is not None else {s.key: None for s in self.sites}
+        self._operators: dict[str, Operator]
         if steer_fn is not None:
             self._operators = {s.key: Custom(_tdhook_steer_fn(steer_fn, s.key)) for s in self.sites}
         else:
