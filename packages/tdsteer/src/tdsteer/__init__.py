@@ -12,6 +12,7 @@ from tdsteer.aggregators import (
     make_aggregator,
     register_method,
 )
+from tdsteer.cache import ActivationCache, ActivationCacheError
 from tdsteer.extraction import Extraction, SiteRecorder, extract
 from tdsteer.indices import take_indices
 from tdsteer.keys import BatchKeys
@@ -25,6 +26,8 @@ from tdsteer.vector import SteeringVector, SteeringVectorFileError
 __all__ = [
     "Ablate",
     "ActAdd",
+    "ActivationCache",
+    "ActivationCacheError",
     "ActivationAddition",
     "Aggregator",
     "BatchKeys",
