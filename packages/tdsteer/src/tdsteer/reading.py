@@ -148,9 +148,13 @@ def read_all(h: Tensor, ctx: ReadContext) -> TokenReading:
     return TokenReading(x, _mask(x, ctx))
 
 
+@register_reader("answer")
 @register_reader("index")
 def read_index(h: Tensor, ctx: ReadContext) -> Tensor:
-    """The per-example position in the batch's index entry, counted within the real tokens."""
+    """The per-example position in the batch's index entry, counted within the real tokens.
+
+    Registered as ``"index"`` and ``"answer"`` (the answer token that text adapters locate).
+    """
     if ctx.index is None:
         raise ValueError(
             f"read='index' at site {ctx.site.key!r} needs per-example indices: give the batch "

@@ -21,8 +21,6 @@ from tdsteer.sites import Site, SiteLike, as_site, as_sites
 if TYPE_CHECKING:
     from tdsteer.vector import SteeringVector
 
-VectorLike = "SteeringVector | Mapping[SiteLike, Tensor]"
-
 
 class _SiteSteerer:
     """Per-site state of one steering context: the vector cast once per device and dtype."""
@@ -288,7 +286,7 @@ def _describe(value: object) -> str:
 @contextmanager
 def steer(
     model: nn.Module,
-    vector: SteeringVector | Mapping[SiteLike, Tensor],
+    vector: SteeringVector | Mapping[Any, Tensor],
     *,
     scale: Scale = 1.0,
     operator: str | Operator | Callable[..., Tensor] = "add",

@@ -1,0 +1,103 @@
+"""SteeredLM: lm-eval's HFLM with tdsteer steering on every forward pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.models.huggingface import HFLM
+
+import tdsteer
+from tdsteer_eval import SteeredLM
+
+REQUESTS = [
+    ("Question: What is two plus two?\nAnswer:", " four"),
+    ("The capital of France is", " Paris."),
+    ("Monday, Tuesday,", " Wednesday"),
+]
+
+
+def _loglikelihoods(lm: Any) -> list[tuple[float, bool]]:
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=args, idx=i) for i, args in enumerate(REQUESTS)
+    ]
+    return lm.loglikelihood(requests, disable_tqdm=True)
+
+
+def _steered(tiny: Any, **kwargs: Any) -> SteeredLM:
+    return SteeredLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2, **kwargs)
+
+
+def test_registered_under_tdsteer() -> None:
+    assert get_model("tdsteer") is SteeredLM
+
+
+def test_scale_zero_is_the_plain_model_and_scale_eight_is_not(tiny: Any) -> None:
+    plain = _loglikelihoods(HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2))
+    lm = _steered(tiny, vector=tiny.vector, scale=0.0)
+    at_zero = _loglikelihoods(lm)
+    assert at_zero == plain  # bit for bit: x + 0 * v is x
+    lm.scale = 8.0
+    at_eight = _loglikelihoods(lm)
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(at_eight, plain))
+    lm.scale = -8.0
+    assert _loglikelihoods(lm) != at_eight
+    # nothing stays hooked between calls
+    assert _loglikelihoods(HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2)) == plain
+
+
+def test_vector_from_file_and_site_subset(tiny: Any, tiny_dir: Any) -> None:
+    path = tiny_dir / "vector.safetensors"
+    from_file = _loglikelihoods(_steered(tiny, vector=str(path), scale=4.0))
+    from_object = _loglikelihoods(_steered(tiny, vector=tiny.vector, scale=4.0))
+    assert from_file == from_object
+    only_first = _steered(tiny, vector=tiny.vector, scale=4.0, sites=["transformer.h.0"])
+    assert only_first.vector.keys() == ["transformer.h.0"]
+    assert _loglikelihoods(only_first) != from_object
+
+
+def test_generation_is_steered(tiny: Any) -> None:
+    context = torch.tensor([tiny.tokenizer.encode("Question: What is two plus two?\nAnswer:")])  # type: ignore[attr-defined]
+    lm = _steered(tiny, vector=tiny.vector * 10.0, scale=0.0)
+    plain = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer)
+    kwargs: dict[str, Any] = {"max_length": context.shape[1] + 6, "stop": ["\n\n"], "do_sample": False}
+    baseline = plain._model_generate(context, **kwargs)
+    assert torch.equal(lm._model_generate(context, **kwargs), baseline)
+    lm.scale = 5.0
+    assert not torch.equal(lm._model_generate(context, **kwargs), baseline)
+
+
+def test_model_info_records_the_steering(tiny: Any) -> None:
+    info = _steered(tiny, vector=tiny.vector, scale=2.0).get_model_info()
+    assert info["tdsteer_scale"] == 2.0 and info["tdsteer_sites"] == ["transformer.h.0", "transformer.h.1"]
+    assert info["tdsteer_operator"] == "add" and info["tdsteer_vector_method"] == "random"
+
+
+def test_errors_are_clear(tiny: Any) -> None:
+    with pytest.raises(ValueError, match="does not resolve"):
+        _steered(tiny, vector={"model.layers.0": torch.ones(32)})
+    with pytest.raises(ValueError, match="needs a steering vector"):
+        _steered(tiny)
+    with pytest.raises(tdsteer.SteeringVectorFileError):
+        _steered(tiny, vector="/nonexistent/vector.safetensors")
+    with pytest.raises(TypeError, match="vector must be"):
+        _steered(tiny, vector=42)
+    with pytest.raises(ValueError, match="position"):
+        _steered(tiny, vector=tiny.vector, positions="middle")
+    lm = _steered(tiny, vector=tiny.vector)
+    with pytest.raises(ValueError, match="finite"):
+        lm.scale = float("nan")
+
+
+def test_positions_generated_leaves_scoring_alone_and_steers_generation(tiny: Any) -> None:
+    plain = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2)
+    lm = _steered(tiny, vector=tiny.vector * 10.0, scale=5.0, positions="generated")
+    assert _loglikelihoods(lm) == _loglikelihoods(plain)  # a plain forward has no generated tokens
+    context = torch.tensor([tiny.tokenizer.encode("Question: What is two plus two?\nAnswer:")])
+    kwargs: dict[str, Any] = {"max_length": context.shape[1] + 6, "stop": ["\n\n"], "do_sample": False}
+    steered = lm._model_generate(context, **kwargs)
+    assert torch.equal(steered[:, : context.shape[1]], context)
+    assert not torch.equal(steered, plain._model_generate(context, **kwargs))
