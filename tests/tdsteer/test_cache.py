@@ -162,7 +162,7 @@ def test_resumes_after_a_kill_bit_identical(model, tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
                 yield batch
 
-        ActivationCache.record(model, batches(), SITES, path={str(tmp_path / "killed")!r}, progress=False, chunk_rows=20)
+        ActivationCache.record(model, batches(), SITES, path={str(tmp_path / "killed")!r}, progress=False, chunk_rows=20, checkpoint_every=0)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,32 +66,97 @@ def _file_name(column: str) -> str:
 
 
 class _Chunk:
-    """``rows`` preallocated rows of every column, in memory or memory-mapped in ``folder``."""
+    """``rows`` preallocated rows of every column, in memory or in files under ``folder``.
+
+    On disk, writes go through the files (``pwrite``), not through a memory map, so recording keeps
+    no written page in the process's resident memory; reads map the files lazily with tensordict's
+    ``MemoryMappedTensor``.
+    """
 
     def __init__(self, columns: Sequence[_Column], rows: int, folder: Path | None, create: bool) -> None:
         self.rows = rows
         self.folder = folder
-        self.data: dict[str, Tensor] = {}
+        self.columns = {c.name: c for c in columns}
+        self._data: dict[str, Tensor] | None = None
+        self._dirty: set[str] = set()
+        if folder is None:
+            self._data = {c.name: torch.zeros(c.shape(rows), dtype=c.dtype) for c in columns}
+            return
         for column in columns:
-            shape = column.shape(rows)
-            if folder is None:
-                self.data[column.name] = torch.zeros(shape, dtype=column.dtype)
-                continue
             filename = folder / _file_name(column.name)
+            expected = column.nbytes(rows)
             if create:
                 folder.mkdir(parents=True, exist_ok=True)
-                self.data[column.name] = MemoryMappedTensor.empty(shape, dtype=column.dtype, filename=str(filename))
-            else:
-                expected = column.nbytes(rows)
-                size = filename.stat().st_size if filename.is_file() else -1
-                if size != expected:
-                    raise ActivationCacheError(
-                        f"Cache file {str(filename)!r} has {size} bytes, expected {expected}: the cache is truncated "
-                        "or corrupted; delete the folder and record again"
-                    )
-                self.data[column.name] = MemoryMappedTensor.from_filename(
-                    str(filename), dtype=column.dtype, shape=shape
+                with open(filename, "wb") as handle:
+                    handle.truncate(expected)  # sparse until written
+                continue
+            size = filename.stat().st_size if filename.is_file() else -1
+            if size != expected:
+                raise ActivationCacheError(
+                    f"Cache file {str(filename)!r} has {size} bytes, expected {expected}: the cache is truncated "
+                    "or corrupted; delete the folder and record again"
                 )
+
+    @property
+    def data(self) -> dict[str, Tensor]:
+        """Every column of this chunk (memory-mapped on first use for a cache on disk)."""
+        if self._data is None:
+            assert self.folder is not None
+            self._data = {
+                name: MemoryMappedTensor.from_filename(
+                    str(self.folder / _file_name(name)), dtype=column.dtype, shape=column.shape(self.rows)
+                )
+                for name, column in self.columns.items()
+            }
+        return self._data
+
+    def write(self, name: str, row: int, values: Tensor) -> None:
+        """Store ``values`` at rows ``row:row + len(values)`` of column ``name``."""
+        if self.folder is None:
+            assert self._data is not None
+            self._data[name][row : row + len(values)] = values
+            return
+        column = self.columns[name]
+        raw = values.to(column.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        fd = os.open(self.folder / _file_name(name), os.O_WRONLY)
+        try:
+            os.pwrite(fd, raw.tobytes(), row * column.nbytes(1))
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise ActivationCacheError(
+                    f"Disk full while writing the cache in {str(self.folder)!r}: free space or record elsewhere; "
+                    "the recording resumes from the last saved batch"
+                ) from None
+            raise
+        finally:
+            os.close(fd)
+        self._dirty.add(name)
+        self._data = None  # a map made before this write may not show it
+
+    def sync(self) -> None:
+        """Flush written columns to disk (before progress claims them)."""
+        if self.folder is None:
+            return
+        for name in sorted(self._dirty):
+            fd = os.open(self.folder / _file_name(name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._dirty.clear()
+
+    def trim(self, rows: int) -> None:
+        """Keep only the first ``rows`` rows (the unfilled tail of a grown chunk)."""
+        if rows >= self.rows:
+            return
+        if self.folder is None:
+            assert self._data is not None
+            self._data = {name: t[:rows].clone() for name, t in self._data.items()}
+        else:
+            self._data = None
+            for name, column in self.columns.items():
+                os.truncate(self.folder / _file_name(name), column.nbytes(rows))
+        self.rows = rows
 
 
 class ActivationCache:
@@ -157,6 +223,7 @@ class ActivationCache:
         dtype: torch.dtype | str = torch.float32,
         num_examples: int | None = None,
         chunk_rows: int = 16384,
+        checkpoint_every: float = 1.0,
         keys: BatchKeys | None = None,
         label_key: str = "labels",
         inputs_key: str = "inputs",
@@ -179,6 +246,8 @@ class ActivationCache:
             num_examples: Number of examples, to preallocate; default: the batches' ``count`` when
                 they have one, else grown ``chunk_rows`` rows at a time.
             chunk_rows: Rows per chunk when growing.
+            checkpoint_every: Seconds between saved checkpoints (data flushed, then ``progress.json``
+                replaced); a killed recording resumes from the last one. ``0`` saves after every batch.
             keys: Names of the contrastive batch entries.
             label_key: Entry holding class labels in labelled batches.
             inputs_key: Entry holding the inputs in labelled batches.
@@ -216,6 +285,7 @@ class ActivationCache:
         }
         folder = None if path is None else Path(path)
         recording = _Recording(cls._existing(header, folder), header, folder, num_examples, chunk_rows)
+        recording.checkpoint_every = checkpoint_every
         recording.run(model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
         assert recording.cache is not None
         return recording.cache
@@ -327,9 +397,17 @@ class ActivationCache:
             if lo >= hi:
                 continue
             for name, values in columns.items():
-                chunk.data[name][lo - chunk_start : hi - chunk_start] = values[offset : offset + hi - lo]
+                chunk.write(name, lo - chunk_start, values[offset : offset + hi - lo])
             offset += hi - lo
         self.rows += new_rows
+
+    def _finish(self) -> None:
+        """Trim the unfilled tail of the last chunk and save progress."""
+        capacity = sum(c.rows for c in self.chunks)
+        if capacity > self.rows:
+            last = self.chunks[-1]
+            last.trim(last.rows - (capacity - self.rows))
+        self._save_progress()
 
     def _chunk_spans(self) -> Iterator[tuple[int, _Chunk]]:
         start = 0
@@ -360,6 +438,8 @@ class ActivationCache:
     def _save_progress(self) -> None:
         if self.path is None:
             return
+        for chunk in self.chunks:
+            chunk.sync()
         _write_json(
             self.path / "progress.json",
             {
@@ -396,6 +476,16 @@ class ActivationCache:
         if not parts:
             return torch.empty(0)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def take(self, name: str, rows: Tensor) -> Tensor:
+        """Rows ``rows`` (indices) of a column, gathered chunk by chunk without copying whole columns."""
+        column = {c.name: c for c in self.columns}[name]
+        out = torch.empty(column.shape(len(rows)), dtype=column.dtype)
+        for chunk_start, chunk in self._chunk_spans():
+            inside = (rows >= chunk_start) & (rows < chunk_start + chunk.rows)
+            if bool(inside.any()):
+                out[inside] = chunk.data[name][rows[inside] - chunk_start]
+        return out
 
     def __getitem__(self, name: str) -> Tensor:
         return self.column(name)
@@ -460,8 +550,7 @@ class ActivationCache:
         for start in range(0, steps, batch_size):
             p_idx, n_idx = pos_rows[start : start + batch_size], neg_rows[start : start + batch_size]
             for site in chosen:
-                column = self.column(site.key)
-                aggregators[site.key].update(column[p_idx].float(), column[n_idx].float())
+                aggregators[site.key].update(self.take(site.key, p_idx).float(), self.take(site.key, n_idx).float())
         directions = {key: agg.result() for key, agg in aggregators.items()}
         metadata = make_metadata(
             None,
@@ -506,7 +595,7 @@ class ActivationCache:
         )
         direction = vector[key].double()
         label = self.labels
-        scores = self.column(key).double() @ direction
+        scores = self.take(key, torch.arange(self.rows)).double() @ direction
         test_pos = scores[test & (label == positive_label)]
         test_neg = scores[test & (label == negative_label)]
         return auroc(test_pos, test_neg)
@@ -529,6 +618,7 @@ class _Recording:
         self.path = path
         self.num_examples = num_examples
         self.chunk_rows = chunk_rows
+        self.checkpoint_every = 1.0
 
     def run(
         self,
@@ -548,6 +638,7 @@ class _Recording:
         seen = 0
         resumed = self.cache.examples if self.cache is not None else 0
         bar = tqdm(total=self.num_examples, initial=resumed, desc="record", unit="example", disable=not progress)
+        last_checkpoint = time.monotonic()
         with torch.no_grad(), recorder.prepare(model), bar:
             for batch in batches:
                 rows, size = ActivationCache._rows_of(batch, keys, label_key, inputs_key)
@@ -567,7 +658,9 @@ class _Recording:
                 seen += size
                 cache.examples = seen
                 cache.prefix_hash = hasher.hexdigest()
-                cache._save_progress()
+                if time.monotonic() - last_checkpoint >= self.checkpoint_every:
+                    cache._save_progress()
+                    last_checkpoint = time.monotonic()
                 bar.update(size)
         if seen < resumed:
             raise ActivationCacheError(
@@ -575,6 +668,7 @@ class _Recording:
             )
         if self.cache is None or self.cache.rows == 0:
             raise ValueError("No batches to record: the data is empty")
+        self.cache._finish()
 
     def _cache_for(self, readings: Mapping[str, Any], sites: list[Site]) -> ActivationCache:
         widths = {s.key: int(readings[s.key].shape[-1]) for s in sites}
