@@ -129,3 +129,19 @@ def test_loaded_vector_steers_like_the_original(tmp_path):
         b = model(x)
     assert torch.equal(a, b)
     assert not torch.equal(a, model(x))
+
+
+def test_validate_refuses_a_vector_from_a_model_of_another_size():
+    class Config:
+        model_type = "toy"
+        hidden_size = 4
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.config = Config()  # type: ignore[assignment]
+    vector = SteeringVector({"0": torch.randn(4)}, metadata={"model_type": "toy", "model_hidden_size": 8})
+    with pytest.raises(ValueError, match="hidden size 8.*hidden size 4"):
+        vector.validate(model)
+    with pytest.raises(ValueError, match="hidden size 8"), steer(model, vector):
+        pass
+    assert not model[0]._forward_hooks
+    SteeringVector({"0": torch.randn(4)}, metadata={"model_type": "toy", "model_hidden_size": 4}).validate(model)

@@ -34,6 +34,16 @@ def model_type_of(model: nn.Module) -> str:
     return str(model_type) if model_type else type(model).__name__
 
 
+def model_hidden_size(model: nn.Module) -> int | None:
+    """``config.hidden_size`` of the model (or its text config), when it has one."""
+    config = getattr(model, "config", None)
+    for candidate in (config, getattr(config, "text_config", None)):
+        size = getattr(candidate, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
 def model_name_of(model: nn.Module) -> str | None:
     """The model name recorded in vectors: ``config.name_or_path`` (or ``_name_or_path``) when set."""
     config = getattr(model, "config", None)
@@ -176,9 +186,10 @@ class SteeringVector:
     def validate(self, model: nn.Module, *, on_mismatch: str = "warn") -> None:
         """Check that this vector fits ``model``.
 
-        Every site must resolve to a module; a model with ``config.hidden_size`` must match the
-        direction sizes of its residual sites; a different recorded model type warns, errors or is
-        ignored per ``on_mismatch``. (Sizes are checked again on every steered call.)
+        Every site must resolve to a module; a vector that records the hidden size of the model it
+        came from (``model_hidden_size``) must match the model's ``config.hidden_size``; a different
+        recorded model type warns, errors or is ignored per ``on_mismatch``. Each site's size is
+        checked again on every steered call, naming the site, the expected and the found size.
 
         Args:
             model: The model the vector is about to steer.
@@ -191,6 +202,13 @@ class SteeringVector:
             raise ValueError(f"on_mismatch must be 'warn', 'error' or 'ignore', got {on_mismatch!r}")
         for site in self.sites.values():
             site.module(model)
+        recorded_size = self.metadata.get("model_hidden_size")
+        actual_size = model_hidden_size(model)
+        if recorded_size and actual_size and int(recorded_size) != actual_size:
+            raise ValueError(
+                f"This steering vector comes from a model with hidden size {recorded_size}, but this model has "
+                f"hidden size {actual_size}: it was made for another model; extract a vector for this one"
+            )
         recorded = self.metadata.get("model_type")
         actual = model_type_of(model)
         if recorded and recorded != actual and on_mismatch != "ignore":
@@ -329,6 +347,7 @@ def make_metadata(
     return {
         "model_name": model_name or (model_name_of(model) if model is not None else None),
         "model_type": model_type_of(model) if model is not None else None,
+        "model_hidden_size": model_hidden_size(model) if model is not None else None,
         "hidden_sizes": {k: int(v.shape[-1]) for k, v in directions.items()},
         "method": method,
         "read": read if isinstance(read, (str, int)) or read is None else repr(read),
