@@ -30,19 +30,26 @@ class SplitLM(ToyLM):
         return self.head(x)
 
 
+def _block_output(model: ToyLM, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Output of a block as the next module sees it (captured after any steering hook)."""
+    seen = {}
+    handle = model.blocks[layer].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0]))
+    try:
+        model(ids)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
 def test_bf16_cuda_steering_is_exact(device):
     model = ToyLM().to(device, torch.bfloat16).eval()
     ids = torch.randint(0, 32, (4, 6), device=device)
     v = torch.randn(8)  # float32 on the CPU: cast once to the activation's dtype and device
-    seen = {}
-    handle = model.blocks[1].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0]))
-    model(ids)
-    plain = seen["h"]
+    plain = _block_output(model, ids, 1)
     with steer(model, {"blocks.1": v}, scale=2.0):
-        model(ids)
-    handle.remove()
-    assert seen["h"].dtype == torch.bfloat16 and seen["h"].device.type == "cuda"
-    torch.testing.assert_close(seen["h"], plain + (2.0 * v).to(device, torch.bfloat16), atol=0, rtol=0)
+        steered = _block_output(model, ids, 1)
+    assert steered.dtype == torch.bfloat16 and steered.device.type == device.type
+    torch.testing.assert_close(steered, plain + (2.0 * v).to(device, torch.bfloat16), atol=0, rtol=0)
 
 
 def test_vectors_follow_each_module_device(device):
@@ -53,7 +60,7 @@ def test_vectors_follow_each_module_device(device):
     with steer(model, v, scale=1.5, positions=2):
         steered = model(ids)
     assert not torch.allclose(steered, plain)
-    cpu_model = ToyLM().eval()
+    cpu_model = SplitLM([torch.device("cpu")] * 3).eval()
     cpu_model.load_state_dict({k: t.cpu() for k, t in model.state_dict().items()})
     with steer(cpu_model, v, scale=1.5, positions=2):
         reference = cpu_model(ids)

@@ -50,13 +50,16 @@ class _SiteSteerer:
         key = (x.device, x.dtype, x.ndim)
         prepared = self._cast.get(key)
         if prepared is None:
-            vector = None if self.vector is None else self.vector.to(device=x.device, dtype=x.dtype)
-            scale = self.scale
-            if isinstance(scale, Tensor):
-                scale = scale.to(device=x.device, dtype=x.dtype)
-                if scale.ndim == 1:
-                    scale = scale.reshape((-1,) + (1,) * (x.ndim - 1))
-            delta = vector * scale if self._fast_add and vector is not None else None
+            wide_vector = None if self.vector is None else self.vector.to(x.device)
+            wide_scale = self.scale
+            if isinstance(wide_scale, Tensor):
+                wide_scale = wide_scale.to(x.device)
+                if wide_scale.ndim == 1:
+                    wide_scale = wide_scale.reshape((-1,) + (1,) * (x.ndim - 1))
+            vector = None if wide_vector is None else wide_vector.to(x.dtype)
+            scale = wide_scale.to(x.dtype) if isinstance(wide_scale, Tensor) else wide_scale
+            # add's scale * v: computed in the vector's precision, rounded once to the activation's dtype
+            delta = (wide_vector * wide_scale).to(x.dtype) if self._fast_add and wide_vector is not None else None
             prepared = (vector, scale, delta)
             self._cast[key] = prepared
         return prepared
