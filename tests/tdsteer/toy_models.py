@@ -54,7 +54,7 @@ class ToyLM(nn.Module):
                 full = history[i]
             else:
                 full = x
-            causal = full.cumsum(1) / torch.arange(1, full.shape[1] + 1).view(1, -1, 1)
+            causal = full.cumsum(1) / torch.arange(1, full.shape[1] + 1, device=full.device).view(1, -1, 1)
             x = x + 0.1 * causal[:, -x.shape[1] :]
         return self.head(x)
 

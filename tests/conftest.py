@@ -1,0 +1,48 @@
+"""Shared test set-up: the device under test, GPU-only tests, no hub access, a fixed seed."""
+
+from __future__ import annotations
+
+import os
+
+# No test may reach a model hub: models and data come from the test itself or from installed packages.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = os.environ.get("TDSTEER_TEST_DEVICE", "cpu")
+
+
+def _gpu_skip_reason() -> str | None:
+    if not DEVICE.startswith("cuda"):
+        return f"needs a CUDA GPU: TDSTEER_TEST_DEVICE is {DEVICE!r}, set it to 'cuda' to run GPU tests"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU: TDSTEER_TEST_DEVICE is 'cuda' but torch.cuda.is_available() is False"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device under test: ``TDSTEER_TEST_DEVICE`` (``cpu`` by default, ``cuda`` on a GPU run)."""
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("TDSTEER_TEST_DEVICE is 'cuda' but torch.cuda.is_available() is False")
+    return torch.device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
