@@ -1,0 +1,319 @@
+"""Streaming extraction keeps memory flat: peak RSS does not grow with the number of examples.
+
+Each (method, number of examples) runs in a fresh Python process, so that its peak resident set
+size is its own. The child builds a small GPT-2 (4 layers, 128 hidden by default, vocab 1,000,
+random weights), runs one warm-up batch, then ``tdsteer.extract`` over contrastive batches that a
+generator makes lazily (random token ids, ragged lengths, left padding with attention masks),
+reading several layers. The parent prints the peak RSS of each run and the ratio of the largest to
+the smallest run, which should stay within a few per cent.
+
+glibc's malloc raises its mmap threshold as large blocks are freed, after which ragged batches
+fragment the heap and the peak RSS wanders by tens of MiB from run to run whatever the code does.
+The children therefore run with ``MALLOC_MMAP_THRESHOLD_`` pinned (``--malloc-mmap-threshold``; 0
+keeps glibc's default behaviour), so that the peak measures what the process holds.
+
+    python benchmarks/bench_extraction_memory.py
+    python benchmarks/bench_extraction_memory.py --sizes 256 4096 16384 --methods mean_diff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATIO_TARGET = 1.05
+_MARK = "BENCH_RESULT "
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 4096], help="numbers of examples")
+    parser.add_argument("--methods", nargs="+", default=["mean_diff", "pca_diff"])
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2], help="layers read (of 4)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 4)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--min-len", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=48)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads in each child")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=128 * 1024,
+        help="MALLOC_MMAP_THRESHOLD_ for the children, in bytes (0: glibc's adaptive default)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# -- child ----------------------------------------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def contrastive_batches(args: argparse.Namespace, examples: int, vocab: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Yield ``{"positive": ..., "negative": ...}`` batches, made one at a time (nothing is kept)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def side(rows: int) -> dict[str, Any]:
+        lengths = torch.randint(args.min_len, args.max_len + 1, (rows,), generator=generator)
+        width = int(lengths.max())
+        ids = torch.randint(1, vocab, (rows, width), generator=generator)
+        mask = (torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()  # left padding
+        return {"input_ids": ids * mask, "attention_mask": mask}
+
+    for start in range(0, examples, args.batch_size):
+        rows = min(args.batch_size, examples - start)
+        yield {"positive": side(rows), "negative": side(rows)}
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tdsteer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        n_layer=4,
+        n_embd=args.hidden,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=max(64, args.max_len),
+        bos_token_id=999,
+        eos_token_id=999,
+    )
+    model = GPT2LMHeadModel(config).to(device).eval()
+    sites = [f"transformer.h.{layer}" for layer in args.layers]
+
+    # Warm up at the longest length, so that one-off allocations (allocator pools, kernels) are not
+    # counted as growth.
+    warm = {"min_len": args.max_len, "max_len": args.max_len, "batch_size": args.batch_size}
+    tdsteer.extract(
+        model,
+        contrastive_batches(argparse.Namespace(**warm), args.batch_size, config.vocab_size, args.seed + 1),
+        sites,
+        method=args.method,
+        progress=False,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = current_rss_bytes()
+    peak_before = peak_rss_bytes()
+
+    start = time.perf_counter()
+    vector = tdsteer.extract(
+        model,
+        contrastive_batches(args, args.examples, config.vocab_size, args.seed),
+        sites,
+        method=args.method,
+        progress=False,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "hidden": args.hidden,
+        "method": args.method,
+        "examples": args.examples,
+        "num_examples_seen": vector.metadata["num_examples"],
+        "batches": -(-args.examples // args.batch_size),
+        "sites": sites,
+        "device": str(device),
+        "seconds": seconds,
+        "examples_per_s": args.examples / seconds,
+        "rss_before_bytes": rss_before,
+        "peak_rss_before_bytes": peak_before,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_after_bytes": current_rss_bytes(),
+        "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- parent ---------------------------------------------------------------------------------------
+
+
+def run_child(args: argparse.Namespace, method: str, examples: int) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--method",
+        method,
+        "--examples",
+        str(examples),
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "--min-len",
+        str(args.min_len),
+        "--max-len",
+        str(args.max_len),
+        "--seed",
+        str(args.seed),
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        *map(str, args.layers),
+    ]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    started = time.perf_counter()
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"child for {method} x {examples} examples failed with exit code {done.returncode}")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(_MARK):
+            result = json.loads(line[len(_MARK) :])
+            result["process_seconds"] = time.perf_counter() - started
+            return result
+    raise SystemExit(f"child for {method} x {examples} examples printed no result:\n{done.stdout}{done.stderr}")
+
+
+def mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        print(_MARK + json.dumps(child(args)))
+        return 0
+    if args.min_len < 1 or args.max_len < args.min_len:
+        raise SystemExit("--min-len must be >= 1 and <= --max-len")
+    if args.hidden < 4 or args.hidden % 4:
+        raise SystemExit("--hidden must be a positive multiple of 4 (4 heads)")
+    if any(not 0 <= layer < 4 for layer in args.layers):
+        raise SystemExit("--layers must be in 0..3")
+
+    sizes = sorted(set(args.sizes))
+    print(
+        f"bench_extraction_memory: GPT-2 (4 layers, {args.hidden} hidden, vocab 1000, random weights) on "
+        f"{args.device}, sites transformer.h.{{{','.join(map(str, args.layers))}}}, read last, batches of "
+        f"{args.batch_size} pairs, lengths {args.min_len}-{args.max_len} (left padded); one fresh process per run; "
+        + (
+            f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
+            if args.malloc_mmap_threshold > 0
+            else "glibc's adaptive malloc"
+        )
+    )
+    runs: list[dict[str, Any]] = []
+    for method in args.methods:
+        for examples in sizes:
+            print(f"  running {method} over {examples} examples ...", file=sys.stderr, flush=True)
+            runs.append(run_child(args, method, examples))
+
+    cuda = args.device.startswith("cuda")
+    print()
+    header = (
+        f"  {'method':<11}{'examples':>9}{'batches':>9}{'RSS before':>12}{'peak RSS':>10}{'growth':>8}"
+        f"{'RSS after':>11}{'extract s':>11}{'ex/s':>9}"
+    )
+    if cuda:
+        header += f"{'cuda peak':>11}"
+    print(header + "   (MiB)")
+    print("  " + "-" * (len(header) + 6))
+    for run in runs:
+        growth = run["peak_rss_bytes"] - run["peak_rss_before_bytes"]
+        line = (
+            f"  {run['method']:<11}{run['examples']:>9}{run['batches']:>9}{mib(run['rss_before_bytes']):>12}"
+            f"{mib(run['peak_rss_bytes']):>10}{mib(growth):>8}{mib(run['rss_after_bytes']):>11}"
+            f"{run['seconds']:>11.2f}{run['examples_per_s']:>9.0f}"
+        )
+        if cuda:
+            line += f"{mib(run['cuda_peak_allocated_bytes']):>11}"
+        print(line)
+
+    print(
+        "  RSS before: after the warm-up batch; growth: peak RSS minus the peak the warm-up reached; "
+        "RSS after: when the extraction returned"
+    )
+    ratios: dict[str, dict[str, Any]] = {}
+    print()
+    for method in args.methods:
+        mine = [run for run in runs if run["method"] == method]
+        small, large = mine[0], mine[-1]
+        ratio = large["peak_rss_bytes"] / small["peak_rss_bytes"]
+        ratios[method] = {"small": small["examples"], "large": large["examples"], "peak_rss_ratio": ratio}
+        verdict = "ok" if ratio <= RATIO_TARGET else "OVER"
+        line = (
+            f"  {method}: peak RSS {large['examples']} / {small['examples']} examples = {ratio:.3f}x "
+            f"(target <= {RATIO_TARGET:.2f}x: {verdict})"
+        )
+        if cuda and small["cuda_peak_allocated_bytes"]:
+            cuda_ratio = large["cuda_peak_allocated_bytes"] / small["cuda_peak_allocated_bytes"]
+            ratios[method]["cuda_peak_ratio"] = cuda_ratio
+            line += f"; CUDA peak allocated {cuda_ratio:.3f}x"
+        print(line)
+        if large["num_examples_seen"] != large["examples"]:
+            print(f"  WARNING: {method} saw {large['num_examples_seen']} of {large['examples']} examples")
+
+    results = {
+        "device": args.device,
+        "python": platform.python_version(),
+        "batch_size": args.batch_size,
+        "lengths": [args.min_len, args.max_len],
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold or None,
+        "target_peak_rss_ratio": RATIO_TARGET,
+        "runs": runs,
+        "ratios": ratios,
+    }
+    device_type = "cuda" if cuda else "cpu"
+    out = args.out or RESULTS / f"extraction-memory-{device_type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
