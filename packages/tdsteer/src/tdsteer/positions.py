@@ -106,22 +106,32 @@ class PositionTracker:
         self.prompt_padding: Tensor | None = None
         self._arange: dict[torch.device, Tensor] = {}
         self._padding: Tensor | None = None
+        # masks of the current call, shared by every hooked layer: built once per model call
+        self._masks: dict[tuple[Any, ...], Tensor | None | bool] = {}
 
     # -- observed from the root model -------------------------------------------------------------
     def observe_call(self, kwargs: dict[str, Any]) -> None:
-        cache_position = kwargs.get("cache_position")
-        self.cache_position = cache_position if isinstance(cache_position, Tensor) else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self.start = 0 if self.cache_position is not None else past_length(cache)
+        cache_position = kwargs.get("cache_position")
+        # The cache's length tells the host where the call starts without reading a device tensor;
+        # cache_position is used only when there is no cache object to ask.
+        if cache is not None or not isinstance(cache_position, Tensor):
+            self.cache_position = None
+            self.start = past_length(cache)
+        else:
+            self.cache_position = cache_position
+            self.start = 0
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         self._padding = None
+        self._masks.clear()
 
     def end_call(self) -> None:
         self.start = 0
         self.cache_position = None
         self.attention_mask = None
         self._padding = None
+        self._masks.clear()
 
     @contextmanager
     def generation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
@@ -163,6 +173,17 @@ class PositionTracker:
         if self.cache_position is not None:
             return None
         return self.start, self.start + length
+
+    def weights(
+        self, policy: PositionPolicy, length: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor | None | bool:
+        """:meth:`mask` as a ``[1 or B, L, 1]`` tensor of ``dtype``, built once per call and shared by
+        every hooked layer."""
+        key = (policy, length, device, dtype)
+        if key not in self._masks:
+            selected = self.mask(policy, length, device)
+            self._masks[key] = selected.unsqueeze(-1).to(dtype) if isinstance(selected, Tensor) else selected
+        return self._masks[key]
 
     def mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Tensor | None | bool:
         """Selection mask for ``policy`` over the current call.

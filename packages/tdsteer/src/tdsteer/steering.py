@@ -81,11 +81,11 @@ class _SiteSteerer:
         x = h.movedim(1, -1) if channels_first else h
         mask: Tensor | None = None
         if not self.policy.is_all:
-            selected = self.tracker.mask(self.policy, x.shape[1], x.device)
+            selected = self.tracker.weights(self.policy, x.shape[1], x.device, x.dtype)
             if selected is False:
                 return None
             if isinstance(selected, Tensor):
-                mask = selected.unsqueeze(-1).to(x.dtype)
+                mask = selected
         vector, scale, delta = self._prepared(x)
         if delta is not None:
             out = x + (delta if mask is None else delta * mask)
