@@ -349,3 +349,20 @@ def test_wrapped_model_found_by_path_suffix() -> None:
 def test_two_matching_block_lists_are_ambiguous() -> None:
     with pytest.raises(ValueError, match=r"several block lists matching 'h'.*inner\.0\.transformer\.h.*blocks_path="):
         tdsteer_hf.sites(Wrapper(build("gpt2"), build("gpt2")))
+
+
+def test_architecture_decorator_registers_a_record_that_sites_use() -> None:
+    from tdsteer_hf.architectures import _REGISTRY
+
+    @tdsteer_hf.architecture_for("gpt2_renamed_for_test")
+    def _record() -> tdsteer_hf.Architecture:
+        return tdsteer_hf.Architecture("gpt2_renamed_for_test", blocks="h", attn="attn", mlp="mlp")
+
+    try:
+        model = build("gpt2")
+        model.config.model_type = "gpt2_renamed_for_test"
+        assert [s.path for s in tdsteer_hf.sites(model, layers=-1, kind="mlp_out")] == ["transformer.h.1.mlp"]
+        with pytest.raises(ValueError, match="must decorate"):
+            tdsteer_hf.architecture_for("other")(_record)
+    finally:
+        _REGISTRY.pop("gpt2_renamed_for_test", None)

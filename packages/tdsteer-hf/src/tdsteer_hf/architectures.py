@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -141,6 +142,31 @@ def register_architecture(
         raise ValueError(f"Architecture {record.model_type!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[record.model_type] = record
     return record
+
+
+def architecture_for(
+    model_type: str, *, overwrite: bool = False
+) -> Callable[[Callable[[], Architecture]], Callable[[], Architecture]]:
+    """Decorator form of :func:`register_architecture`: register the record a function returns.
+
+    Examples:
+        >>> @architecture_for("my_decoder")
+        ... def my_decoder() -> Architecture:
+        ...     return Architecture("my_decoder", blocks="decoder.blocks", attn="attn", mlp="ffn")
+        >>> architecture("my_decoder").mlp
+        'ffn'
+    """
+
+    def decorator(factory: Callable[[], Architecture]) -> Callable[[], Architecture]:
+        record = factory()
+        if not isinstance(record, Architecture) or record.model_type != model_type:
+            raise ValueError(
+                f"@architecture_for({model_type!r}) must decorate a function returning Architecture({model_type!r}, ...)"
+            )
+        register_architecture(record, overwrite=overwrite)
+        return factory
+
+    return decorator
 
 
 def architecture(model_type: str) -> Architecture | None:
