@@ -248,6 +248,10 @@ def run_tests(session: nox.Session, venv: Path, target: str, device: str, junit:
         return
     # cpu: everything but the GPU tests; cuda: the whole folder, GPU tests included.
     args = [rel, "-m", "not gpu"] if device == "cpu" else [rel]
+    source = next((p.path / "src" for p in PACKAGES if p.name == target), None)
+    if source is not None and source.is_dir():
+        # the docstrings' examples are tests too
+        args += [os.path.relpath(source, ROOT), "--doctest-modules"]
     if junit is not None:
         args.append(f"--junitxml={junit}")
     # Exit code 5 (no tests collected, e.g. every test deselected by -m) is not a failure.

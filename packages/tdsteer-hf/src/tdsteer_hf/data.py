@@ -314,15 +314,15 @@ def contrastive_batches(
 
     Examples:
         >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")  # doctest: +SKIP
-        >>> batches = contrastive_batches(tokenizer, [("I love it", "I hate it")], batch_size=8)
-        >>> batch = next(iter(batches))
-        >>> batch["positive"]["input_ids"].shape[0]
+        >>> batches = contrastive_batches(tokenizer, [("I love it", "I hate it")], batch_size=8)  # doctest: +SKIP
+        >>> batch = next(iter(batches))  # doctest: +SKIP
+        >>> batch["positive"]["input_ids"].shape[0]  # doctest: +SKIP
         1
-        >>> caa = [{"question": "Is it good? (A) Yes (B) No", "answer_matching_behavior": "(A)",
+        >>> caa = [{"question": "Is it good? (A) Yes (B) No", "answer_matching_behavior": "(A)",  # doctest: +SKIP
         ...         "answer_not_matching_behavior": "(B)"}]
-        >>> sorted(next(iter(contrastive_batches(tokenizer, caa, read="answer"))))
+        >>> sorted(next(iter(contrastive_batches(tokenizer, caa, read="answer"))))  # doctest: +SKIP
         ['negative', 'negative_index', 'positive', 'positive_index']
-        >>> answers = contrastive_batches(tokenizer, caa, read="answer")
+        >>> answers = contrastive_batches(tokenizer, caa, read="answer")  # doctest: +SKIP
         >>> vector = tdsteer.extract(model, answers, sites, read="index")  # doctest: +SKIP
     """
     if read not in ("last", "answer"):
