@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tdsteer_hf.cli import join_signed_values
+
 LM_EVAL_COMMANDS = ("run", "ls", "validate")
 
 
@@ -69,22 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-task", help="write the small offline demo task (tdsteer_demo_mc) to a folder")
     demo.add_argument("directory", help="folder to write tdsteer_demo_mc.yaml and .jsonl into")
     return parser
-
-
-def _join_negative_values(argv: list[str]) -> list[str]:
-    """Turn ``--multipliers -2,0,2`` into ``--multipliers=-2,0,2``: argparse would read ``-2,0,2`` as an option."""
-    out: list[str] = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        nxt = argv[index + 1] if index + 1 < len(argv) else None
-        if token == "--multipliers" and nxt is not None and nxt.startswith("-") and "," in nxt:
-            out.append(f"--multipliers={nxt}")
-            index += 2
-            continue
-        out.append(token)
-        index += 1
-    return out
 
 
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -165,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] in LM_EVAL_COMMANDS:
         return _lm_eval(args_list)
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(args_list))
+    args = parser.parse_args(join_signed_values(args_list, ("--multipliers",)))
     if args.command == "sweep":
         return _sweep(args, parser)
     if args.command == "demo-task":

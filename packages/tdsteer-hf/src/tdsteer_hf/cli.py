@@ -62,6 +62,7 @@ CHECKS = ("warn", "error", "ignore")
 #: Options whose value may start with a minus sign (``--scale -4,0,4``, ``--layers -2:``).
 _SIGNED_OPTIONS = ("--scale", "--layers")
 _SIGNED_VALUE = re.compile(r"^-[\d.:]")
+_NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 _TSV_HEADERS = (["positive", "negative"], ["prompt", "positive", "negative"])
 
 #: Contrastive pairs of the demo: the same sentence, liking versus disliking.
@@ -177,14 +178,24 @@ def parse_positions(value: str) -> str | int:
     return policy
 
 
-def _join_signed_values(argv: list[str]) -> list[str]:
-    """``--scale -4,0,4`` -> ``--scale=-4,0,4``: argparse would take ``-4,0,4`` for an option."""
+def join_signed_values(argv: list[str], options: tuple[str, ...] = _SIGNED_OPTIONS) -> list[str]:
+    """``--scale -4,0,4`` -> ``--scale=-4,0,4`` for ``options``: argparse would take ``-4,0,4`` for an option.
+
+    Examples:
+        >>> join_signed_values(["--scale", "-4,0,4", "--prompt", "hi"])
+        ['--scale=-4,0,4', '--prompt', 'hi']
+    """
     out: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
         following = argv[index + 1] if index + 1 < len(argv) else None
-        if token in _SIGNED_OPTIONS and following is not None and _SIGNED_VALUE.match(following):
+        if (
+            token in options
+            and following is not None
+            and _SIGNED_VALUE.match(following)
+            and not _NUMBER.match(following)  # argparse reads a lone negative number as a value itself
+        ):
             out.append(f"{token}={following}")
             index += 2
             continue
@@ -1017,7 +1028,7 @@ COMMANDS = {"extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_inf
 
 
 def _dispatch(argv: list[str]) -> int:
-    args = build_parser().parse_args(_join_signed_values(argv))
+    args = build_parser().parse_args(join_signed_values(argv))
     return COMMANDS[args.command](args)
 
 
