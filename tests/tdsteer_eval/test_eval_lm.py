@@ -101,3 +101,20 @@ def test_positions_generated_leaves_scoring_alone_and_steers_generation(tiny: An
     steered = lm._model_generate(context, **kwargs)
     assert torch.equal(steered[:, : context.shape[1]], context)
     assert not torch.equal(steered, plain._model_generate(context, **kwargs))
+
+
+def test_one_request_set_opens_one_steering_context(tiny: Any) -> None:
+    lm = _steered(tiny, vector=tiny.vector, scale=4.0)
+    opened = []
+    original = lm.steering
+
+    def counting() -> Any:
+        opened.append(1)
+        return original()
+
+    lm.steering = counting  # type: ignore[method-assign]
+    batched = _loglikelihoods(lm)  # 3 requests in batches of 2: two forward calls
+    assert len(opened) == 1
+    lm.steering = original  # type: ignore[method-assign]
+    assert batched == _loglikelihoods(_steered(tiny, vector=tiny.vector, scale=4.0))
+    assert all(not m._forward_hooks for m in tiny.model.modules())

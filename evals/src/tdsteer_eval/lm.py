@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from lm_eval.api.registry import register_model
@@ -106,6 +107,7 @@ class SteeredLM(HFLM):
         if check not in ("warn", "error", "ignore"):
             raise ValueError(f"check must be 'warn', 'error' or 'ignore', got {check!r}")
         loaded = load_vector(vector)  # before the model loads: a bad file fails fast
+        self._steering_open = False
         super().__init__(pretrained=pretrained, **kwargs)
         if sites is not None:
             loaded = loaded.select(list(sites))
@@ -147,12 +149,39 @@ class SteeredLM(HFLM):
             check="ignore",
         )
 
+    @contextmanager
+    def _steered(self) -> Iterator[None]:
+        """Steer while open; nested uses share the outer context, so each request set opens one."""
+        if self._steering_open:
+            yield
+            return
+        self._steering_open = True
+        try:
+            with self.steering():
+                yield
+        finally:
+            self._steering_open = False
+
+    # A whole request set runs in one context (opening one costs hook registration per site);
+    # the per-batch methods open their own when called directly.
+    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        with self._steered():
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        with self._steered():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        with self._steered():
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
     def _model_call(self, inps: Tensor, attn_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        with self.steering():
+        with self._steered():
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> Tensor:
-        with self.steering():
+        with self._steered():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict[str, Any]:
