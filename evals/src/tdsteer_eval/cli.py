@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tdsteer_hf.cli import join_signed_values
+from tdsteer_hf.cli import CLIError, join_signed_values, parse_scales
 
 LM_EVAL_COMMANDS = ("run", "ls", "validate")
-
-
-def _multipliers(values: Sequence[str]) -> list[float]:
-    out: list[float] = []
-    for value in values:
-        for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                number = float(part)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"multiplier {part!r} is not a number") from None
-            if not math.isfinite(number):
-                raise argparse.ArgumentTypeError(f"multiplier {part!r} is not finite")
-            out.append(number)
-    if not out:
-        raise argparse.ArgumentTypeError("give at least one multiplier, e.g. --multipliers -2,0,2")
-    return out
 
 
 def _positions(value: str) -> str | int:
@@ -80,8 +60,8 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tdsteer_eval.sweep import sweep
 
     try:
-        multipliers = _multipliers(args.multipliers)
-    except argparse.ArgumentTypeError as error:
+        multipliers = parse_scales(args.multipliers, "--multipliers")
+    except CLIError as error:
         parser.error(str(error))
     batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

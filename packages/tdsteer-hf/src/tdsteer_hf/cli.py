@@ -138,8 +138,8 @@ def parse_layers(spec: str, count: int) -> list[int]:
     return chosen
 
 
-def parse_scales(values: Sequence[str]) -> list[float]:
-    """Scales from ``--scale`` values, each one number or several separated by commas.
+def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
+    """Scales from ``option`` values, each one number or several separated by commas.
 
     Examples:
         >>> parse_scales(["-4,0,4"]), parse_scales(["2", "-2"])
@@ -154,12 +154,12 @@ def parse_scales(values: Sequence[str]) -> list[float]:
             try:
                 number = float(part)
             except ValueError:
-                raise CLIError(f"--scale {part!r} is not a number; use e.g. --scale 4 or --scale -4,0,4") from None
+                raise CLIError(f"{option} {part!r} is not a number; use e.g. {option} 4 or {option} -4,0,4") from None
             if not math.isfinite(number):
-                raise CLIError(f"--scale {part!r} is not finite")
+                raise CLIError(f"{option} {part!r} is not finite")
             scales.append(number)
     if not scales:
-        raise CLIError("--scale needs at least one number, e.g. --scale 4 or --scale -4,0,4")
+        raise CLIError(f"{option} needs at least one number, e.g. {option} 4 or {option} -4,0,4")
     return scales
 
 
