@@ -193,7 +193,8 @@ class SteeringVectors(HookingContextFactory):
             root = program.resolve_path(module.hook_root, "", relative_path=module.relative_path)
             for site in self.sites:
                 site.module(root)  # a clear error naming the site before anything is installed
-            if not (self.policy.is_all and all(v is None or v.ndim == 1 for v in self._vectors.values())):
+            needs_positions = not (self.policy.is_all and all(v is None or v.ndim == 1 for v in self._vectors.values()))
+            if needs_positions:
                 self._observe_root(program, module, tracker)
             for site in self.sites:
                 steerer = _SiteSteerer(
@@ -208,7 +209,7 @@ class SteeringVectors(HookingContextFactory):
                     )
                     spec = HookSpec(site.path, "steer", "fwd_pre_kwargs")
                 program.register_path(module.hook_root, hook, spec, relative_path=module.relative_path)
-            undo = wrap_generate(root, tracker)
+            undo = wrap_generate(root, tracker) if needs_positions else None
             if undo is not None:
                 program.add_cleanup(undo)
             return program.build()
