@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # No test may reach a model hub: models and data come from the test itself or from installed packages.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -46,3 +47,15 @@ def device() -> torch.device:
 def _seed() -> None:
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny test models run fastest on one thread: on a busy CPU, OpenMP start-up and spinning cost
+    more than the matmuls (seen: 100x slower forwards with two threads on two loaded cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,8 @@ class _Chunk:
         raw = values.to(column.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         fd = os.open(self.folder / _file_name(name), os.O_WRONLY)
         try:
-            os.pwrite(fd, raw.tobytes(), row * column.nbytes(1))
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise ActivationCacheError(
-                    f"Disk full while writing the cache in {str(self.folder)!r}: free space or record elsewhere; "
-                    "the recording resumes from the last saved batch"
-                ) from None
-            raise
+            with _disk_full_is_clear(self.folder):
+                os.pwrite(fd, raw.tobytes(), row * column.nbytes(1))
         finally:
             os.close(fd)
         self._dirty.add(name)
@@ -424,15 +419,8 @@ class ActivationCache:
             folder = None if self.path is None else self.path / f"chunk-{len(self.chunks):05d}"
             if self.path is not None:
                 _check_space(self.path, sum(c.nbytes(rows) for c in self.columns))
-            try:
+            with _disk_full_is_clear(self.path):
                 self.chunks.append(_Chunk(self.columns, rows, folder, create=True))
-            except OSError as error:
-                if error.errno == errno.ENOSPC:
-                    raise ActivationCacheError(
-                        f"Disk full while growing the cache at {str(self.path)!r}: free space or record elsewhere; "
-                        "the recording resumes from the last finished batch"
-                    ) from None
-                raise
             capacity += rows
 
     def _save_progress(self) -> None:
@@ -709,6 +697,20 @@ def _digest_batch(hasher: Any, batch: Mapping[str, Any]) -> None:
     from tdsteer.extraction import _digest
 
     _digest(hasher, batch)
+
+
+@contextmanager
+def _disk_full_is_clear(path: Path | None) -> Iterator[None]:
+    """Turn a full disk into an error that names the cache and says what to do."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise ActivationCacheError(
+                f"Disk full while writing the cache at {str(path)!r}: free space or record elsewhere; "
+                "the recording resumes from the last saved checkpoint"
+            ) from None
+        raise
 
 
 def _check_space(path: Path, needed: int) -> None:
