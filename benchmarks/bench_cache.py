@@ -25,19 +25,17 @@ The caches go to a temporary folder (``--dir`` to choose where) and are deleted 
     python benchmarks/bench_cache.py                       # 2,000 and 20,000 examples, float16
     python benchmarks/bench_cache.py --stable-malloc       # fixed glibc mmap threshold in the children
     python benchmarks/bench_cache.py --sizes 1000 5000 --dtype float32
+    python benchmarks/bench_cache.py --quick               # a smoke run: 256 and 2,048 examples
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,11 +49,27 @@ from torch import Tensor, nn
 
 import tdsteer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# _common.py (the helpers the benchmarks share) sits beside this script. `python benchmarks/<script>.py`
+# puts this folder on sys.path; runpy.run_path and `python -P` do not, so make sure it is there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    STABLE_MMAP_THRESHOLD,
+    add_common_args,
+    emit_result,
+    mib,
+    parse_with_quick,
+    peak_rss_bytes,
+    print_header,
+    run_child_process,
+    timed,
+    write_results,
+)
+
 RSS_TARGET = 1.10  # peak RSS of the largest recording over the smallest
 ROW_FIELD_BYTES = 4 * 8  # label, pair, index, length: int64 each
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+QUICK = {"sizes": [256, 2048], "chunk_rows": 1024}  # the grown cache still takes two chunks
 
 
 # -- the model and the data -----------------------------------------------------------------------
@@ -150,12 +164,6 @@ def mapped_rss_kib(folder: Path) -> tuple[int, int]:
     return total, maps
 
 
-def max_rss_kib() -> int:
-    """Peak resident set of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak
-
-
 # -- children: one recording, or one reopen-and-fit, per fresh process ---------------------------
 def child_record(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
@@ -164,9 +172,8 @@ def child_record(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.path)
     batches = labelled_batches(args.examples, args.batch, args.seq_len, args.hidden, args.seed)
     before = proc_status()
-    before_peak = max_rss_kib()
-    start = time.perf_counter()
-    with PeakSampler() as sampler:
+    before_peak = peak_rss_bytes() // 1024
+    with PeakSampler() as sampler, timed() as clock:
         cache = tdsteer.ActivationCache.record(
             model,
             batches,
@@ -178,7 +185,7 @@ def child_record(args: argparse.Namespace) -> dict[str, Any]:
             chunk_rows=args.chunk_rows,
             progress=False,
         )
-        record_s = time.perf_counter() - start
+    record_s = clock.wall
     at_end = proc_status()
     cache_rss, cache_maps = mapped_rss_kib(path)
     result = {
@@ -200,21 +207,20 @@ def child_record(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     result["status_after_release_kib"] = proc_status()
     result["cache_maps_rss_after_release_kib"] = mapped_rss_kib(path)[0]
-    result["ru_maxrss_kib"] = max_rss_kib()  # read last: the peak of the whole child
+    result["ru_maxrss_kib"] = peak_rss_bytes() // 1024  # read last: the peak of the whole child
     return result
 
 
 def child_fit(args: argparse.Namespace) -> dict[str, Any]:
-    before_peak = max_rss_kib()
+    before_peak = peak_rss_bytes() // 1024
     before = proc_status()
     with PeakSampler() as sampler:
-        start = time.perf_counter()
-        cache = tdsteer.ActivationCache.load(args.path)
-        load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        vector = cache.to_vector("mean_diff")
-        fit_s = time.perf_counter() - start
-    peak = max_rss_kib()
+        with timed() as load:
+            cache = tdsteer.ActivationCache.load(args.path)
+        with timed() as fit:
+            vector = cache.to_vector("mean_diff")
+    load_s, fit_s = load.wall, fit.wall
+    peak = peak_rss_bytes() // 1024
     cache_rss, cache_maps = mapped_rss_kib(Path(args.path))
     # check one site against a direct float64 mean difference over the whole column
     key = f"blocks.{args.sites - 1}"
@@ -242,8 +248,6 @@ def child_fit(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace, mode: str, path: Path, examples: int, preallocate: bool) -> dict[str, Any]:
     command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
         "--child",
         mode,
         "--path",
@@ -267,17 +271,12 @@ def run_child(args: argparse.Namespace, mode: str, path: Path, examples: int, pr
         "--threads",
         str(args.threads),
     ] + (["--preallocate"] if preallocate else [])
-    start = time.perf_counter()
-    env = dict(os.environ)
-    if args.stable_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # glibc: a fixed threshold, so freed tensors go back to the OS
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"child {mode} ({examples} examples) failed with exit code {done.returncode}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result, wall = run_child_process(
+        __file__,
+        command,
+        what=f"child {mode} ({examples} examples)",
+        mmap_threshold=STABLE_MMAP_THRESHOLD if args.stable_malloc else 0,
+    )
     result["process_wall_s"] = wall
     return result
 
@@ -340,27 +339,32 @@ def evict(folder: Path) -> float:
 
 
 # -- printing -------------------------------------------------------------------------------------
-def mib(kib: float) -> str:
-    return f"{kib / 1024:8.1f}"
-
-
 def print_recordings(records: list[dict[str, Any]]) -> None:
     header = (
         f"{'examples':>9} {'mode':<12} {'rows':>7} {'chunks':>6} {'record s':>9} {'child s':>8} {'ex/s':>7} "
         f"{'peak RSS':>9} {'before':>8} {'+during':>8} {'anon pk':>8} {'file pk':>8} {'cache maps':>10} "
         f"{'released':>8}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in records:
         mode = "num_examples" if r["preallocated"] else "grown"
-        released = r["status_after_release_kib"].get("VmRSS", 0)
+        # the child reports KiB; the columns are MiB
+        peak, before, during, anon, file, maps, released = (
+            mib(kib * 1024, unit=False)
+            for kib in (
+                r["ru_maxrss_kib"],
+                r["ru_maxrss_kib_before"],
+                r["ru_maxrss_kib"] - r["ru_maxrss_kib_before"],
+                r["peak_anon_kib"],
+                r["peak_file_kib"],
+                r["cache_maps_rss_kib"],
+                r["status_after_release_kib"].get("VmRSS", 0),
+            )
+        )
         print(
             f"{r['examples']:>9} {mode:<12} {r['rows']:>7} {len(r['chunk_rows']):>6} {r['record_s']:>9.2f} "
-            f"{r['process_wall_s']:>8.2f} {r['examples'] / r['record_s']:>7.0f} {mib(r['ru_maxrss_kib'])} "
-            f"{mib(r['ru_maxrss_kib_before'])} {mib(r['ru_maxrss_kib'] - r['ru_maxrss_kib_before'])} "
-            f"{mib(r['peak_anon_kib'])} {mib(r['peak_file_kib'])} {mib(r['cache_maps_rss_kib']):>10} "
-            f"{mib(released)}"
+            f"{r['process_wall_s']:>8.2f} {r['examples'] / r['record_s']:>7.0f} {peak:>8} {before:>8} {during:>8} "
+            f"{anon:>8} {file:>8} {maps:>10} {released:>8}"
         )
     print(
         "(MiB; peak RSS = ru_maxrss of the child; before = ru_maxrss after imports and model, before recording; "
@@ -390,8 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="cache storage dtype")
     parser.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk when the cache grows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the children")
+    add_common_args(parser, results="cache.json", threads=1, children=True)
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary caches go (default: the tmp dir)")
     parser.add_argument("--no-grown", action="store_true", help="skip the largest size recorded without num_examples")
     parser.add_argument("--no-cold", action="store_true", help="skip evicting the page cache before reopening")
@@ -399,17 +402,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stable-malloc",
         action="store_true",
-        help="run the children with MALLOC_MMAP_THRESHOLD_=131072 (glibc), so that heap retention does not blur "
-        "the anonymous-memory peaks",
+        help=f"run the children with MALLOC_MMAP_THRESHOLD_={STABLE_MMAP_THRESHOLD} (glibc), so that heap retention "
+        "does not blur the anonymous-memory peaks",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when the peak RSS target is missed")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default: results/cache.json)")
     # internal: one measurement in a fresh process
     parser.add_argument("--child", choices=["record", "fit"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--preallocate", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def needed_bytes(args: argparse.Namespace) -> int:
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         torch.set_num_threads(args.threads)
         result = child_record(args) if args.child == "record" else child_fit(args)
-        print("RESULT " + json.dumps(result))
+        emit_result(result)
         return 0
 
     sizes = sorted(set(args.sizes))
@@ -474,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print_recordings(results["recordings"])
         for r in results["recordings"]:
-            files = results["disk"][r["name"]]["allocated_bytes"] / 1024
+            files = results["disk"][r["name"]]["allocated_bytes"]
+            maps = r["cache_maps_rss_kib"] * 1024
             print(
                 f"  {r['name']}: the child's {r['cache_maps']} mappings of the cache files hold "
-                f"{r['cache_maps_rss_kib'] / 1024:.1f} MiB resident when record() returns "
-                f"({100 * r['cache_maps_rss_kib'] / files:.1f}% of the {files / 1024:.1f} MiB allocated on disk); "
-                f"RssFile {r['status_end_kib'].get('RssFile', 0) / 1024:.1f} -> "
-                f"{r['status_after_release_kib'].get('RssFile', 0) / 1024:.1f} MiB after `del cache`"
+                f"{mib(maps)} resident when record() returns "
+                f"({100 * maps / files:.1f}% of the {mib(files)} allocated on disk); "
+                f"RssFile {mib(r['status_end_kib'].get('RssFile', 0) * 1024, unit=False)} -> "
+                f"{mib(r['status_after_release_kib'].get('RssFile', 0) * 1024)} after `del cache`"
             )
 
         smallest, largest = results["recordings"][0], results["recordings"][len(sizes) - 1]
@@ -546,10 +549,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"over {fit['rows']} rows x {args.sites} sites ({fit['chunks']} chunk(s)); max |vector - direct "
                     f"mean diff| {fit['max_abs_error_vs_direct']:.2e}"
                     + (f"; eviction first (fsync + fadvise) {evict_s:.2f} s" if cold else "")
-                    + f"\n    child RSS: peak {fit['ru_maxrss_kib'] / 1024:.1f} MiB (before load "
-                    f"{fit['ru_maxrss_kib_before'] / 1024:.1f}); anonymous {before.get('RssAnon', 0) / 1024:.1f} -> "
-                    f"peak {fit['peak_anon_kib'] / 1024:.1f}, file-backed {before.get('RssFile', 0) / 1024:.1f} -> "
-                    f"peak {fit['peak_file_kib'] / 1024:.1f}; cache maps resident {fit['cache_maps_rss_kib'] / 1024:.1f}"
+                    + f"\n    child RSS: peak {mib(fit['ru_maxrss_kib'] * 1024)} (before load "
+                    f"{mib(fit['ru_maxrss_kib_before'] * 1024, unit=False)}); anonymous "
+                    f"{mib(before.get('RssAnon', 0) * 1024, unit=False)} -> "
+                    f"peak {mib(fit['peak_anon_kib'] * 1024, unit=False)}, file-backed "
+                    f"{mib(before.get('RssFile', 0) * 1024, unit=False)} -> "
+                    f"peak {mib(fit['peak_file_kib'] * 1024, unit=False)}; cache maps resident "
+                    f"{mib(fit['cache_maps_rss_kib'] * 1024, unit=False)}"
                 )
     finally:
         if args.keep:
@@ -557,10 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    out = args.out or RESULTS / "cache.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(results, args.out, "cache.json")
     missed = any(s["ru_maxrss_ratio"] > RSS_TARGET for k, s in summary.items() if isinstance(s, dict))
     return 1 if (args.strict and missed) else 0
 

@@ -14,25 +14,37 @@ keeps glibc's default behaviour), so that the peak measures what the process hol
 
     python benchmarks/bench_extraction_memory.py
     python benchmarks/bench_extraction_memory.py --sizes 256 4096 16384 --methods mean_diff
+    python benchmarks/bench_extraction_memory.py --quick      # a smoke run: 64 and 256 examples
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# _common.py (the helpers the benchmarks share) sits beside this script. `python benchmarks/<script>.py`
+# puts this folder on sys.path; runpy.run_path and `python -P` do not, so make sure it is there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    STABLE_MMAP_THRESHOLD,
+    add_common_args,
+    emit_result,
+    mib,
+    parse_with_quick,
+    peak_rss_bytes,
+    print_header,
+    run_child_process,
+    timed,
+    write_results,
+)
+
 RATIO_TARGET = 1.05
-_MARK = "BENCH_RESULT "
+QUICK = {"sizes": [64, 256]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,28 +57,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=48)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads in each child")
     parser.add_argument(
         "--malloc-mmap-threshold",
         type=int,
-        default=128 * 1024,
+        default=STABLE_MMAP_THRESHOLD,
         help="MALLOC_MMAP_THRESHOLD_ for the children, in bytes (0: glibc's adaptive default)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    add_common_args(parser, results="extraction-memory-<cpu|cuda>.json", children=True)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_with_quick(parser, argv, QUICK)
 
 
 # -- child ----------------------------------------------------------------------------------------
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def current_rss_bytes() -> int | None:
@@ -137,17 +141,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     rss_before = current_rss_bytes()
     peak_before = peak_rss_bytes()
 
-    start = time.perf_counter()
-    vector = tdsteer.extract(
-        model,
-        contrastive_batches(args, args.examples, config.vocab_size, args.seed),
-        sites,
-        method=args.method,
-        progress=False,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as clock:
+        vector = tdsteer.extract(
+            model,
+            contrastive_batches(args, args.examples, config.vocab_size, args.seed),
+            sites,
+            method=args.method,
+            progress=False,
+        )
+    seconds = clock.wall
     return {
         "hidden": args.hidden,
         "method": args.method,
@@ -173,8 +175,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace, method: str, examples: int) -> dict[str, Any]:
     command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
         "--child",
         "--method",
         method,
@@ -197,24 +197,11 @@ def run_child(args: argparse.Namespace, method: str, examples: int) -> dict[str,
     ]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
-    started = time.perf_counter()
-    env = dict(os.environ)
-    if args.malloc_mmap_threshold > 0:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"child for {method} x {examples} examples failed with exit code {done.returncode}")
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(_MARK):
-            result = json.loads(line[len(_MARK) :])
-            result["process_seconds"] = time.perf_counter() - started
-            return result
-    raise SystemExit(f"child for {method} x {examples} examples printed no result:\n{done.stdout}{done.stderr}")
-
-
-def mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
+    result, seconds = run_child_process(
+        __file__, command, what=f"child for {method} x {examples} examples", mmap_threshold=args.malloc_mmap_threshold
+    )
+    result["process_seconds"] = seconds
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        print(_MARK + json.dumps(child(args)))
+        emit_result(child(args))
         return 0
     if args.min_len < 1 or args.max_len < args.min_len:
         raise SystemExit("--min-len must be >= 1 and <= --max-len")
@@ -258,17 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cuda:
         header += f"{'cuda peak':>11}"
-    print(header + "   (MiB)")
-    print("  " + "-" * (len(header) + 6))
+    print_header(header + "   (MiB)", indent=2)
     for run in runs:
         growth = run["peak_rss_bytes"] - run["peak_rss_before_bytes"]
         line = (
-            f"  {run['method']:<11}{run['examples']:>9}{run['batches']:>9}{mib(run['rss_before_bytes']):>12}"
-            f"{mib(run['peak_rss_bytes']):>10}{mib(growth):>8}{mib(run['rss_after_bytes']):>11}"
+            f"  {run['method']:<11}{run['examples']:>9}{run['batches']:>9}"
+            f"{mib(run['rss_before_bytes'], unit=False):>12}{mib(run['peak_rss_bytes'], unit=False):>10}"
+            f"{mib(growth, unit=False):>8}{mib(run['rss_after_bytes'], unit=False):>11}"
             f"{run['seconds']:>11.2f}{run['examples_per_s']:>9.0f}"
         )
         if cuda:
-            line += f"{mib(run['cuda_peak_allocated_bytes']):>11}"
+            line += f"{mib(run['cuda_peak_allocated_bytes'], unit=False):>11}"
         print(line)
 
     print(
@@ -308,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
     }
     device_type = "cuda" if cuda else "cpu"
-    out = args.out or RESULTS / f"extraction-memory-{device_type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(results, args.out, f"extraction-memory-{device_type}.json")
     return 0
 
 

@@ -17,13 +17,13 @@ apart. Cases are interleaved round by round (the order rotates), and the table g
 
     python benchmarks/bench_steering.py                 # cuda if available, else cpu (small sizes)
     python benchmarks/bench_steering.py --device cpu --full
+    python benchmarks/bench_steering.py --quick         # a smoke run: tiny batches, few rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -39,11 +39,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import tdsteer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# _common.py (the helpers the benchmarks share) sits beside this script. `python benchmarks/<script>.py`
+# puts this folder on sys.path; runpy.run_path and `python -P` do not, so make sure it is there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, print_header, timed, write_results
+
 FORWARD_TARGET = 1.02
 EXTRACT_TARGET = 1.05
 
-# Sizes: "full" is the GPU default, "small" the CPU default (same model shape, smaller batches).
+# Sizes: "full" is the GPU default, "small" the CPU default (same model shape, smaller batches), "quick"
+# a smoke run that only shows that every case runs.
 PRESETS: dict[str, dict[str, int]] = {
     "full": {
         "batch": 8,
@@ -73,17 +78,26 @@ PRESETS: dict[str, dict[str, int]] = {
         "extract_repeats": 5,
         "warmup": 0,  # the correctness checks already ran every forward and generate case once
     },
+    "quick": {
+        "batch": 2,
+        "seq_len": 16,
+        "gen_batch": 2,
+        "prompt_len": 8,
+        "new_tokens": 4,
+        "extract_batches": 2,
+        "extract_batch": 1,
+        "extract_len": 16,
+        "repeats": 3,
+        "gen_repeats": 2,
+        "extract_repeats": 2,
+        "warmup": 0,
+    },
 }
 
 ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 # -- timing ---------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved(
@@ -112,14 +126,11 @@ def interleaved(
             with make_context():
                 if prime is not None:
                     prime()
-                synchronize(device)
-                start, start_cpu = time.perf_counter(), time.process_time()
-                call()
-                synchronize(device)
-                elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+                with timed(device) as clock:
+                    call()
             if round_index >= warmup:
-                times[name].append(elapsed)
-                cpu_times[name].append(elapsed_cpu)
+                times[name].append(clock.wall)
+                cpu_times[name].append(clock.cpu)
         done = round_index + 1
         print(f"  {label}: round {done}/{warmup + repeats}{' (warm-up)' if done <= warmup else ''}", file=sys.stderr)
     return times, cpu_times
@@ -238,16 +249,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--small", action="store_true", help="small batches (the default on cpu)")
     size.add_argument("--full", action="store_true", help="full batches: 8 x 128 (the default on cuda)")
+    size.add_argument("--quick", action="store_true", help="a smoke run: batches of 2 x 16, 2-3 rounds")
     for name in PRESETS["full"]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="overrides the preset")
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["forward", "generate", "extract", "peer"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    add_common_args(parser, results="steering-<cpu|cuda>.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    preset = "full" if args.full or (not args.small and device.type == "cuda") else "small"
+    if args.quick:
+        preset = "quick"
+    else:
+        preset = "full" if args.full or (not args.small and device.type == "cuda") else "small"
     args.preset = preset
     for name, value in PRESETS[preset].items():
         if getattr(args, name) is None:
@@ -460,8 +473,7 @@ def print_table(section: str, title: str, result: dict[str, Any], cpu_column: bo
     if cpu_column:
         header += f"{'cpu-time':>10}"
     header += "   target"
-    print(header)
-    print("  " + "-" * (len(header) + 16))
+    print_header(header, indent=2, extend=18)  # the rule runs on under the verdicts
     for name, row in summary.items():
         target = target_for(section, name)
         verdict = ""
@@ -595,10 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             diff = f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else ""
             print(f"  {'ok  ' if check['ok'] else 'FAIL'} {name}{diff}")
 
-    out = args.out or RESULTS / f"steering-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(results, args.out, f"steering-{device.type}.json")
     return 0
 
 

@@ -63,7 +63,7 @@ def test_importing_the_core_imports_no_model_library() -> None:
 
 def test_console_scripts_point_at_their_packages() -> None:
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
-    assert scripts["tdsteer"] == "tdsteer_hf.cli:main"
+    assert scripts["tdsteer"] == "tdsteer.cli:main"
     assert scripts["tdsteer-eval"] == "tdsteer_eval.cli:main"
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tdsteer import Site, SteeringVector, SteeringVectorFileError, steer
-from tdsteer.formats import load_gguf, load_lm_eval, save_gguf, save_lm_eval
 
 
 def _vector() -> SteeringVector:
@@ -76,7 +75,7 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 def test_lm_eval_round_trip_and_format(tmp_path):
     vector = _vector()
-    path = save_lm_eval(vector, tmp_path / "steer.pt", scale=2.0, prefix="model")
+    path = vector.to_lm_eval(tmp_path / "steer.pt", scale=2.0, prefix="model")
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"layers.1", "layers.3"}
     entry = raw["layers.1"]
@@ -84,8 +83,8 @@ def test_lm_eval_round_trip_and_format(tmp_path):
     back = SteeringVector.from_lm_eval(path, prefix="model")
     for key in vector:
         torch.testing.assert_close(back[key], 2.0 * vector[key])
-    clamp = load_lm_eval(
-        save_lm_eval(vector, tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="model"), prefix="model"
+    clamp = SteeringVector.from_lm_eval(
+        vector.to_lm_eval(tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="model"), prefix="model"
     )
     assert clamp.metadata["operator"] == "clamp"
     torch.testing.assert_close(clamp["model.layers.1"].norm(), torch.tensor(3.0))
@@ -101,21 +100,21 @@ def test_lm_eval_import_refuses_code_pickles(tmp_path):
     with open(path, "wb") as handle:
         pickle.dump({"layers.0": {"steering_vector": _Exploit()}}, handle)
     with pytest.raises(SteeringVectorFileError, match="refuses"):
-        load_lm_eval(path)
+        SteeringVector.from_lm_eval(path)
 
 
 def test_gguf_round_trip(tmp_path):
     pytest.importorskip("gguf")
     vector = _vector()
-    path = save_gguf(vector, tmp_path / "v.gguf")
-    back = load_gguf(path, path_template="model.layers.{i}")
+    path = vector.to_gguf(tmp_path / "v.gguf")
+    back = SteeringVector.from_gguf(path, path_template="model.layers.{i}")
     assert back.keys() == ["model.layers.1", "model.layers.3"]
     assert back.metadata["model_type"] == "llama"
     for key in vector:
         assert torch.equal(back[key], vector[key])
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(SteeringVectorFileError):
-        load_gguf(tmp_path / "bad.gguf", path_template="model.layers.{i}")
+        SteeringVector.from_gguf(tmp_path / "bad.gguf", path_template="model.layers.{i}")
 
 
 def test_loaded_vector_steers_like_the_original(tmp_path):

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import tdsteer  # noqa: E402
+from tdsteer_hf.tiny import bpe_tokenizer, tiny_gpt2  # noqa: E402
 
 CORPUS = [
     "Question: What is two plus two?\nAnswer: four",
@@ -34,42 +35,10 @@ class TinyLM:
     vector: tdsteer.SteeringVector
 
 
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(CORPUS, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, bos_token=eos, pad_token=eos)
-
-
 @pytest.fixture(scope="session")
 def tiny() -> TinyLM:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=128,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-    model = GPT2LMHeadModel(config).eval()
+    tokenizer = bpe_tokenizer(CORPUS, vocab_size=320)
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=128, seed=0)
     generator = torch.Generator().manual_seed(1)
     directions = {site: torch.randn(32, generator=generator) for site in SITES}
     vector = tdsteer.SteeringVector(directions, metadata={"model_type": "gpt2", "method": "random"})

@@ -71,7 +71,7 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def steering_vector(model: nn.Module) -> dict[tdsteer.Site | str, torch.Tensor]:
     generator = torch.Generator().manual_seed(4)
-    hidden = tdsteer_hf.describe(model)["hidden_size"]
+    hidden = tdsteer_hf.describe(model).hidden_size
     chosen = [tdsteer_hf.sites(model, 0)[0], tdsteer_hf.sites(model, -1, kind="attn_out")[0]]
     vector: dict[tdsteer.Site | str, torch.Tensor] = {
         site: torch.randn(hidden, generator=generator, dtype=torch.float64) for site in chosen

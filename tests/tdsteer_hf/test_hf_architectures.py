@@ -45,7 +45,7 @@ EXPECTED_BLOCK = {
 
 
 def test_every_registered_type_is_tested() -> None:
-    assert set(tdsteer_hf.supported_model_types()) == set(ALL_TYPES)
+    assert set(tdsteer_hf.supported()) == set(ALL_TYPES)
     assert set(EXPECTED_BLOCK) == set(ALL_TYPES)
 
 
@@ -98,15 +98,15 @@ def test_sites_read_and_steer(model_type: str) -> None:
     inputs = _inputs()
     reference = _output(model, inputs)
     info = tdsteer_hf.describe(model)
-    assert info["num_layers"] == 2 == tdsteer_hf.num_layers(model)
-    assert info["hidden_size"] == HIDDEN
-    assert info["source"] == "table"
+    assert info.num_layers() == 2 == tdsteer_hf.num_layers(model)
+    assert info.hidden_size == HIDDEN
+    assert (info.source, info.guessed, info.architecture) == ("registry", False, model_type)
     assert tdsteer_hf.sites(model, -1)[0].path == EXPECTED_BLOCK[model_type]
     module_names = dict(model.named_modules())
     generator = torch.Generator().manual_seed(2)
     for kind in tdsteer_hf.SITE_KINDS:
         if model_type == "opt" and kind == "mlp_out":
-            with pytest.raises(ValueError, match=r"'opt' has no module for site kind 'mlp_out'.*attn_out"):
+            with pytest.raises(ValueError, match=r"no 'mlp_out' sites \(OPT has no MLP module.*use one of.*attn_out"):
                 tdsteer_hf.sites(model, 0, kind=kind)
             continue
         chosen = tdsteer_hf.sites(model, [0, -1], kind=kind)
@@ -197,20 +197,26 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, tdsteer_hf.Architectu
 def test_no_split_modules_fallback(registry: dict[str, Any]) -> None:
     del registry["llama"]
     model = build("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"not a registered architecture.*'model.layers'.*_no_split_modules"):
         chosen = tdsteer_hf.sites(model, [0, -1])
     assert [s.path for s in chosen] == ["model.layers.0", "model.layers.1"]
-    assert tdsteer_hf.describe(model)["source"] == "no_split_modules"
+    with pytest.warns(UserWarning):
+        info = tdsteer_hf.describe(model)
+    assert (info.source, info.guessed) == ("no_split_modules", True)
+    with pytest.raises(tdsteer.UnknownArchitectureError, match=r"fallback=False.*Supported: .*gpt2"):
+        tdsteer_hf.sites(model, fallback=False)
     assert tdsteer_hf.sites(model, 0, kind="resid_pre")[0].io == "input"
-    with pytest.raises(ValueError, match=r"'attn_out'.*not registered.*register_architecture"):
+    with (
+        pytest.raises(ValueError, match=r"'attn_out'.*not registered.*register_architecture"),
+        pytest.warns(UserWarning),
+    ):
         tdsteer_hf.sites(model, 0, kind="attn_out")
 
 
 def test_no_split_modules_prefers_the_language_model(registry: dict[str, Any]) -> None:
     del registry["gemma3"], registry["gemma3_text"]
     model = build("gemma3")
-    with pytest.warns(UserWarning, match=r"several block lists.*vision_tower.*language_model"):
+    with pytest.warns(UserWarning, match=r"'model.language_model.layers' \(of \[.*vision_tower"):
         site = tdsteer_hf.sites(model, -1)[0]
     assert site.path == "model.language_model.layers.1"
 
@@ -222,8 +228,8 @@ def test_nested_registered_language_model(registry: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         info = tdsteer_hf.describe(model)
-    assert info["source"] == "nested"
-    assert info["sites"]["mlp_out"] == "model.language_model.layers.{i}.post_feedforward_layernorm"
+    assert (info.source, info.guessed) == ("nested", False)
+    assert info.of_kind("mlp_out")[1].path == "model.language_model.layers.1.post_feedforward_layernorm"
 
 
 def test_llava_resolves_its_language_model() -> None:
@@ -234,7 +240,7 @@ def test_llava_resolves_its_language_model() -> None:
     model = transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=95)
     )
-    assert "llava" not in tdsteer_hf.supported_model_types()
+    assert "llava" not in tdsteer_hf.supported()
     assert [s.path for s in tdsteer_hf.sites(model, -1, kind="mlp_out")] == ["model.language_model.layers.1.mlp"]
 
 
@@ -263,7 +269,7 @@ class Toy(nn.Module):
 
 
 def test_guess_warns_and_finds_the_blocks() -> None:
-    with pytest.warns(UserWarning, match=r"guessing.*'stack'.*blocks_path="):
+    with pytest.warns(UserWarning, match=r"guessed.*'stack'.*blocks_path="):
         chosen = tdsteer_hf.sites(Toy(), -1, kind="resid_pre")
     assert chosen[0].path == "stack.2"
     assert chosen[0].kwarg == "hidden"
@@ -271,7 +277,7 @@ def test_guess_warns_and_finds_the_blocks() -> None:
 
 def test_guess_skips_expert_lists() -> None:
     # Eight experts per block outnumber the three blocks, but the block list holds more parameters.
-    with pytest.warns(UserWarning, match="guessing"):
+    with pytest.warns(UserWarning, match="guessed"):
         assert tdsteer_hf.num_layers(Toy(experts=8)) == 3
 
 
@@ -280,7 +286,7 @@ def test_blocks_path_override() -> None:
         warnings.simplefilter("error")
         chosen = tdsteer_hf.sites(Toy(), [0, 1], blocks_path="stack")
         assert [s.path for s in chosen] == ["stack.0", "stack.1"]
-        assert tdsteer_hf.describe(Toy(), blocks_path="stack")["source"] == "blocks_path"
+        assert tdsteer_hf.describe(Toy(), blocks_path="stack").source == "blocks_path"
     # On a registered model the override keeps the record's sub-layers.
     model = build("gpt2")
     assert tdsteer_hf.sites(model, 0, kind="mlp_out", blocks_path="transformer.h")[0].path == "transformer.h.0.mlp"
@@ -306,11 +312,11 @@ def test_register_architecture(registry: dict[str, Any]) -> None:
     model.config = transformers.PretrainedConfig()  # type: ignore[assignment]
     model.config.model_type = "toy"
     record = tdsteer_hf.register_architecture("toy", blocks="stack", attn="proj", attn_slot=None, mlp=None)
-    assert tdsteer_hf.architecture("toy") is record and "toy" in tdsteer_hf.supported_model_types()
+    assert tdsteer_hf.architecture("toy") is record and "toy" in tdsteer_hf.supported()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tdsteer_hf.sites(model, 1, kind="attn_out")[0].path == "stack.1.proj"
-    with pytest.raises(ValueError, match="'toy' has no module for site kind 'mlp_out'"):
+    with pytest.raises(ValueError, match="no 'mlp_out' sites \\(model type 'toy' has no module for it\\)"):
         tdsteer_hf.sites(model, 1, kind="mlp_out")
     with pytest.raises(ValueError, match="already registered.*overwrite=True"):
         tdsteer_hf.register_architecture("toy", blocks="stack")

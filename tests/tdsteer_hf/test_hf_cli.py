@@ -14,21 +14,20 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import HIDDEN, TINY, train_tokenizer
+from hf_tiny import HIDDEN, train_tokenizer
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
 )
 
-from tdsteer import SteeringVector
-from tdsteer_hf.cli import CLIError, main, parse_layers, parse_scales
+from tdsteer import SteeringVector, take_indices
+from tdsteer.cli import CLIError, main, parse_layers, parse_scales
+from tdsteer_hf.tiny import tiny_gpt2
 
 PAIRS = [
     ("I love this movie", "I hate this movie"),
@@ -76,13 +75,9 @@ def assert_user_error(result: tuple[int, str, str], *words: str) -> None:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random GPT-2 (2 layers, hidden 32) and a word-level tokenizer saved side by side."""
     tokenizer = train_tokenizer(CORPUS)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    config = GPT2Config(**{**TINY["gpt2"][1], **ids, "vocab_size": len(tokenizer), "initializer_range": 0.1})
-    torch.manual_seed(0)
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=HIDDEN, n_head=2, n_positions=64, initializer_range=0.1, seed=0)
     directory = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -220,19 +215,23 @@ def test_extract_reads_every_data_format(
 
 
 def test_parse_layers_and_scales() -> None:
-    assert parse_layers("6,7", 12) == [6, 7]
-    assert parse_layers("-1", 12) == [11]
-    assert parse_layers("all", 3) == [0, 1, 2]
-    assert parse_layers("2:5", 12) == [2, 3, 4]
-    assert parse_layers("-2:,0", 4) == [2, 3, 0]
+    def layers(text: str, count: int) -> list[int]:
+        return take_indices(count, parse_layers(text))
+
+    assert layers("6,7", 12) == [6, 7]
+    assert layers("-1", 12) == [11]
+    assert layers("all", 3) == [0, 1, 2]
+    assert layers("2:5", 12) == [2, 3, 4]
+    assert layers("-2:,0", 4) == [2, 3, 0]
+    assert parse_layers(None) is None  # not given: the command picks its default
     with pytest.raises(IndexError, match="out of range"):
-        parse_layers("12", 12)
+        layers("12", 12)
     with pytest.raises(IndexError, match="out of range"):
-        parse_layers("0:20", 12)
-    with pytest.raises(CLIError, match="selects no layer"):
-        parse_layers("5:5", 12)
-    with pytest.raises(CLIError, match="not a layer index"):
-        parse_layers("six", 12)
+        layers("0:20", 12)
+    with pytest.raises(IndexError, match="selects no layer"):
+        layers("5:5", 12)
+    with pytest.raises(CLIError, match="not an index"):
+        parse_layers("six")
     assert parse_scales(["-4,0,4", "2"]) == [-4.0, 0.0, 4.0, 2.0]
     with pytest.raises(CLIError, match="not a number"):
         parse_scales(["four"])
@@ -244,13 +243,14 @@ def test_parse_layers_and_scales() -> None:
 def test_info_model(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "info", "--model", model_dir)
     assert status == 0, err
-    assert "model_type:   gpt2" in out and "num_layers:   2" in out and "hidden_size:  32" in out
-    assert "transformer.h.{i}.attn" in out and "transformer.h.{i}.mlp" in out
+    assert "architecture: gpt2" in out and "hidden_size:  32" in out and "adapter tdsteer_hf" in out
+    assert "resid_post  2 layers, 0..1: transformer.h.0 .. transformer.h.1" in out
+    assert "transformer.h.1.attn" in out and "transformer.h.1.mlp" in out
     status, out, err = run(capsys, "info", "--model", model_dir, "--json")
     assert status == 0, err
     model = json.loads(out)["model"]
-    assert (model["class"], model["num_layers"], model["hidden_size"]) == ("GPT2LMHeadModel", 2, HIDDEN)
-    assert model["sites"]["resid_post"] == "transformer.h.{i}"
+    assert (model["model_class"], model["hidden_size"]) == ("GPT2LMHeadModel", HIDDEN)
+    assert model["kinds"]["resid_post"] == {"count": 2, "first": "transformer.h.0", "last": "transformer.h.1"}
 
 
 def test_info_vector(model_dir: Path, vector_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,14 +278,14 @@ def test_demo_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_console_script_module(model_dir: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "tdsteer_hf.cli", "info", "--model", str(model_dir)],
+        [sys.executable, "-m", "tdsteer", "info", "--model", str(model_dir)],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "model_type:   gpt2" in done.stdout
+    assert "architecture: gpt2" in done.stdout
 
 
 # --- errors: one line on stderr, exit status 2 --------------------------------------------------------
@@ -341,10 +341,10 @@ def test_error_missing_model(tmp_path: Path, pairs_tsv: Path, capsys: pytest.Cap
 def test_error_unknown_architecture(
     flat_dir: Path, pairs_tsv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert_user_error(run(capsys, "info", "--model", flat_dir), "does not know where the blocks", "tdsteer_cli_flat")
+    assert_user_error(run(capsys, "info", "--model", flat_dir), "does not know the architecture", "tdsteer_cli_flat")
     out = tmp_path / "v.safetensors"
     result = run(capsys, "extract", "--model", flat_dir, "--pairs", pairs_tsv, "-o", out)
-    assert_user_error(result, "does not know where the blocks", "blocks_path")
+    assert_user_error(result, "does not know the architecture", "blocks_path")
 
 
 def test_error_layer_out_of_range(

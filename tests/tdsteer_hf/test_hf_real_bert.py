@@ -40,7 +40,7 @@ def model_and_tokenizer() -> tuple[Any, Any]:
 def test_sites_of_the_real_model(model_and_tokenizer: tuple[Any, Any]) -> None:
     model, _ = model_and_tokenizer
     info = tdsteer_hf.describe(model)
-    assert (info["model_type"], info["num_layers"], info["hidden_size"], info["source"]) == ("bert", 6, 384, "table")
+    assert (info.architecture, info.num_layers(), info.hidden_size, info.source) == ("bert", 6, 384, "registry")
     assert [s.path for s in tdsteer_hf.sites(model, [0, -1], kind="mlp_out")] == [
         "encoder.layer.0.output.dense",
         "encoder.layer.5.output.dense",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 import tdsteer
 import tdsteer_timm
-from tdsteer_timm import arch
+from tdsteer.adapter import Adapter, ModelDescription
 
 # name, create_model kwargs, image size, family, expected stage paths (None: don't check)
 CASES: list[tuple[str, dict[str, Any], int, str, list[str] | None]] = [
@@ -73,14 +72,25 @@ def test_family_sites_layout_and_steering(
 ) -> None:
     model = _model(name, kwargs)
     info = tdsteer_timm.describe(model)
-    assert info.family == family and not info.generic
+    assert isinstance(info, ModelDescription)
+    assert info.architecture == family and info.source == "registry" and not info.guessed
+    assert info.adapter == "tdsteer_timm" and info.model_class == type(model).__name__
+    assert info.kinds == tdsteer_timm.SITE_KINDS == ("block", "stage") and info.default_kind == "block"
+    blocks, stage_records = info.of_kind("block"), info.of_kind("stage")
     if stages is not None:
-        assert [s.path for s in info.stages] == stages
-    assert tdsteer_timm.num_layers(model, "block") == len(info.blocks) >= len(info.stages) >= 1
+        assert [s.path for s in stage_records] == stages
+    assert tdsteer_timm.num_layers(model, "block") == len(blocks) >= len(stage_records) >= 1
+    assert tdsteer_timm.num_layers(model, "stage") == len(stage_records)
+    assert [r.index for r in blocks] == list(range(len(blocks)))
+    assert [r.index for r in stage_records] == list(range(len(stage_records)))
+    assert info.hidden_size == blocks[-1].num_chs
 
-    records = {**{r.path: r for r in info.blocks}, **{r.path: r for r in info.stages}}
+    channels: dict[str, int] = {}
+    for record in blocks + stage_records:
+        assert record.num_chs is not None and record.num_chs > 0, record
+        channels[record.path] = record.num_chs
     all_sites = tdsteer_timm.sites(model) + [
-        s for s in tdsteer_timm.sites(model, level="stage") if s.path not in {b.path for b in info.blocks}
+        s for s in tdsteer_timm.sites(model, kind="stage") if s.path not in {b.path for b in blocks}
     ]
     seen: dict[str, torch.Tensor] = {}
     handles = []
@@ -96,13 +106,13 @@ def test_family_sites_layout_and_steering(
             handle.remove()
     assert set(seen) == {s.key for s in all_sites}, "some sites never ran"
     for site in all_sites:
-        _check_layout(site, records[site.path].num_chs, seen[site.key])
+        _check_layout(site, channels[site.path], seen[site.key])
         if site.layout == "NLC":
             assert site.prefix_tokens == model.num_prefix_tokens
 
     # steering at the middle block and the last stage moves the logits; leaving the context restores them
-    for site in (tdsteer_timm.sites(model, len(info.blocks) // 2)[0], tdsteer_timm.sites(model, -1, "stage")[0]):
-        vector = torch.randn(records[site.path].num_chs, generator=torch.Generator().manual_seed(1))
+    for site in (tdsteer_timm.sites(model, len(blocks) // 2)[0], tdsteer_timm.sites(model, -1, "stage")[0]):
+        vector = torch.randn(channels[site.path], generator=torch.Generator().manual_seed(1))
         with torch.no_grad(), tdsteer.steer(model, {site: vector}, scale=8.0):
             steered = model(x)
         assert not torch.allclose(steered, base, atol=1e-4), site
@@ -113,118 +123,53 @@ def test_family_sites_layout_and_steering(
 def test_deit_inherits_vit_entry_with_two_prefix_tokens() -> None:
     model = _model(CASES[1][0], CASES[1][1])
     assert type(model).__name__ == "VisionTransformerDistilled"
-    assert "VisionTransformerDistilled" not in tdsteer_timm.supported_classes()
+    assert "VisionTransformerDistilled" not in tdsteer_timm.supported()
     assert {s.prefix_tokens for s in tdsteer_timm.sites(model)} == {2}
 
 
 def test_channels_per_block_follow_the_stage() -> None:
     model = _model("efficientnet_b0", {})
     info = tdsteer_timm.describe(model)
-    by_path = {r.path: r.num_chs for r in info.blocks}
+    by_path = {r.path: r.num_chs for r in info.of_kind("block")}
     assert by_path["blocks.3.0"] == 80 and by_path["blocks.6.0"] == 320  # blocks.3 is not in feature_info
-    assert info.blocks[-1].stage == 6
+    assert info.of_kind("block")[-1].stage == 6
     resnet = tdsteer_timm.describe(_model("resnet18", {}))
-    assert [(r.path, r.num_chs, r.stage) for r in resnet.blocks[2:4]] == [("layer2.0", 128, 1), ("layer2.1", 128, 1)]
+    assert [(r.path, r.num_chs, r.stage) for r in resnet.of_kind("block")[2:4]] == [
+        ("layer2.0", 128, 1),
+        ("layer2.1", 128, 1),
+    ]
+    assert resnet.site_sizes()["layer2.0"] == 128 and resnet.site_sizes()["layer4"] == 512
 
 
 def test_index_rule_matches_take_indices() -> None:
     model = _model("resnet18", {})
     assert [s.path for s in tdsteer_timm.sites(model, [0, -1])] == ["layer1.0", "layer4.1"]
-    assert [s.path for s in tdsteer_timm.sites(model, slice(1, 3), level="stage")] == ["layer2", "layer3"]
-    assert [s.path for s in tdsteer_timm.sites(model, 2)] == ["layer2.0"]
+    assert [s.path for s in tdsteer_timm.sites(model, slice(1, 3), kind="stage")] == ["layer2", "layer3"]
+    assert [s.path for s in tdsteer_timm.sites(model, 2)] == ["layer2.0"]  # one layer, not timm's "last 2"
+    assert [s.path for s in tdsteer_timm.sites(model, slice(-2, None), "stage")] == ["layer3", "layer4"]
+    assert [s.path for s in tdsteer_timm.sites(model, [0, slice(-2, None)])] == ["layer1.0", "layer4.0", "layer4.1"]
     assert all(s.layout == "NCHW" and s.prefix_tokens == 0 for s in tdsteer_timm.sites(model))
 
 
-@pytest.mark.parametrize(("layers", "level"), [(8, "block"), (-9, "block"), (4, "stage"), ([0, 5], "stage")])
-def test_index_out_of_range(layers: Any, level: Any) -> None:
-    with pytest.raises(IndexError, match="out of range"):
-        tdsteer_timm.sites(_model("resnet18", {}), layers, level=level)
+@pytest.mark.parametrize(("layers", "kind"), [(8, "block"), (-9, "block"), (4, "stage"), ([0, 5], "stage")])
+def test_index_out_of_range(layers: Any, kind: str) -> None:
+    with pytest.raises(IndexError, match=f"{kind} index .* out of range"):
+        tdsteer_timm.sites(_model("resnet18", {}), layers, kind=kind)
 
 
-def test_unknown_level() -> None:
-    with pytest.raises(ValueError, match="level"):
-        tdsteer_timm.sites(_model("resnet18", {}), level="layer")  # type: ignore[arg-type]
+def test_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="kind 'layer'; use one of block, stage"):
+        tdsteer_timm.sites(_model("resnet18", {}), kind="layer")
+    with pytest.raises(ValueError, match="kind"):
+        tdsteer_timm.num_layers(_model("resnet18", {}), "layer")
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.stages = nn.Sequential(
-            nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)),
-            nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1)),
-        )
-        self.head = nn.Linear(8, 3)
-        self.feature_info = [
-            {"module": "stages.0", "num_chs": 6, "reduction": 1},
-            {"module": "stages.1", "num_chs": 8, "reduction": 2},
-        ]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(x)).mean((2, 3)))
-
-
-def test_unknown_class_error_lists_supported_and_how_to_register() -> None:
-    with pytest.raises(TypeError) as error:
-        tdsteer_timm.sites(_Net())
-    message = str(error.value)
-    assert "_Net" in message and "ResNet" in message and "VisionTransformer" in message
-    assert "register_arch" in message and "fallback=True" in message
-
-
-def test_fallback_uses_feature_info_with_a_warning() -> None:
-    model = _Net()
-    with pytest.warns(UserWarning, match="not a registered architecture"):
-        found = tdsteer_timm.sites(model, fallback=True)
-    assert [(s.path, s.layout) for s in found] == [("stages.0", "NCHW"), ("stages.1", "NCHW")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = tdsteer_timm.describe(model, fallback=True)
-    assert info.generic and [r.num_chs for r in info.stages] == [6, 8]
-
-
-def test_fallback_without_feature_info_fails_clearly() -> None:
-    with pytest.raises(TypeError, match="feature_info"):
-        tdsteer_timm.describe(nn.Sequential(nn.Linear(2, 2)), fallback=True)
-
-
-@pytest.fixture
-def registry() -> Any:
-    """Restore the architecture registry after a test registers its own classes."""
-    saved = dict(arch._REGISTRY)
-    yield arch._REGISTRY
-    arch._REGISTRY.clear()
-    arch._REGISTRY.update(saved)
-
-
-def test_register_arch_for_a_custom_class(registry: Any) -> None:
-    class MyNet(_Net):
-        pass
-
-    @tdsteer_timm.register_arch(MyNet)
-    def _mynet(model: nn.Module) -> tdsteer_timm.ArchSpec:
-        return tdsteer_timm.ArchSpec("mynet", r"stages\.\d+\.\d+", r"stages\.\d+", "NCHW")
-
-    model = MyNet()
-    info = tdsteer_timm.describe(model)
-    assert [(r.path, r.num_chs, r.stage) for r in info.blocks] == [
-        ("stages.0.0", 6, 0),
-        ("stages.0.1", 6, 0),
-        ("stages.1.0", 8, 1),
-    ]
-    assert [s.path for s in tdsteer_timm.sites(model, -1, level="stage")] == ["stages.1"]
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad(), tdsteer.steer(model, {tdsteer_timm.sites(model, 0)[0]: torch.ones(6)}, scale=3.0):
-        steered = model(x)
-    assert not torch.allclose(steered, model(x))
-
-
-def test_register_arch_bad_pattern_is_reported(registry: Any) -> None:
-    class Other(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Linear(2, 2)
-
-    tdsteer_timm.register_arch(Other)(lambda m: tdsteer_timm.ArchSpec("other", r"blocks\.\d+", r"blocks", "NCHW"))
-    with pytest.raises(ValueError, match="no module path matches"):
-        tdsteer_timm.describe(Other())
+def test_module_meets_the_adapter_contract() -> None:
+    assert isinstance(tdsteer_timm, Adapter)
+    adapter: Adapter = tdsteer_timm  # and for mypy: the signatures match the protocol
+    assert adapter.num_layers(_model("resnet18", {})) == 8
+    assert tdsteer_timm.DEFAULT_KIND == "block" and tdsteer_timm.DEFAULT_KIND in tdsteer_timm.SITE_KINDS
+    assert tdsteer_timm.supported() == sorted(tdsteer_timm.supported())
+    assert {"ResNet", "VisionTransformer", "ConvNeXt", "SwinTransformer"} <= set(tdsteer_timm.supported())
+    for gone in ("register_arch", "supported_classes", "image_batches", "ArchInfo", "SiteInfo"):
+        assert not hasattr(tdsteer_timm, gone), gone

@@ -10,7 +10,7 @@ Examples:
 """
 
 from tdsteer_eval._version import __version__
-from tdsteer_eval.lm import SteeredLM, load_vector
+from tdsteer_eval.lm import SteeredLM
 from tdsteer_eval.sweep import SweepRecord, records_from_results, sweep
 from tdsteer_eval.tasks import DEMO_TASK, write_demo_task, write_multiple_choice_task
 
@@ -19,7 +19,6 @@ __all__ = [
     "SteeredLM",
     "SweepRecord",
     "__version__",
-    "load_vector",
     "records_from_results",
     "sweep",
     "write_demo_task",

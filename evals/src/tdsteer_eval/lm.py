@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,40 +12,8 @@ from torch import Tensor
 
 import tdsteer
 from tdsteer import SteeringVector
-
-VectorSource = SteeringVector | str | os.PathLike[str] | Mapping[str, Tensor]
-
-
-def load_vector(vector: VectorSource) -> SteeringVector:
-    """Return ``vector`` as a :class:`tdsteer.SteeringVector`.
-
-    Args:
-        vector: A :class:`tdsteer.SteeringVector`, the path of a tdsteer ``.safetensors`` file
-            (written by :meth:`tdsteer.SteeringVector.save`), or a mapping ``{site path: tensor}``.
-
-    Returns:
-        The steering vector (on the CPU when read from a file; it is cast to the model's device
-        and dtype when steering).
-
-    Raises:
-        tdsteer.SteeringVectorFileError: The file is missing or is not a tdsteer vector file.
-        TypeError: ``vector`` is none of the accepted types.
-
-    Examples:
-        >>> import torch
-        >>> load_vector({"transformer.h.0": torch.ones(4)}).keys()
-        ['transformer.h.0']
-    """
-    if isinstance(vector, SteeringVector):
-        return vector
-    if isinstance(vector, (str, os.PathLike)):
-        return SteeringVector.load(vector)
-    if isinstance(vector, Mapping):
-        return SteeringVector(dict(vector))
-    raise TypeError(
-        f"vector must be a tdsteer.SteeringVector, the path of a tdsteer .safetensors file, or a mapping "
-        f"{{site path: tensor}}; got {type(vector).__name__}"
-    )
+from tdsteer.checks import Check, as_check
+from tdsteer.vector import VectorSource
 
 
 @register_model("tdsteer")
@@ -96,7 +63,7 @@ class SteeredLM(HFLM):
         operator: str | tdsteer.Operator | Callable[..., Tensor] = "add",
         positions: str | int = "all",
         sites: Sequence[str] | None = None,
-        check: str = "warn",
+        check: Check = "warn",
         **kwargs: Any,
     ) -> None:
         if vector is None:
@@ -104,14 +71,13 @@ class SteeredLM(HFLM):
                 "SteeredLM needs a steering vector: pass vector=PATH.safetensors (model_args 'vector=...') "
                 "or a tdsteer.SteeringVector"
             )
-        if check not in ("warn", "error", "ignore"):
-            raise ValueError(f"check must be 'warn', 'error' or 'ignore', got {check!r}")
-        loaded = load_vector(vector)  # before the model loads: a bad file fails fast
+        as_check(check)
+        loaded = tdsteer.as_vector(vector)  # before the model loads: a bad file fails fast
         self._steering_open = False
         super().__init__(pretrained=pretrained, **kwargs)
         if sites is not None:
             loaded = loaded.select(list(sites))
-        loaded.validate(self.model, on_mismatch=check)  # every site resolves; model type checked once
+        loaded.validate(self.model, check=check)  # every site resolves; model type checked once
         self.vector: SteeringVector = loaded
         self.operator = operator
         self.positions = positions

@@ -2,30 +2,35 @@
 
 Turns "layer 6, residual stream" into :class:`tdsteer.Site` records for any registered (or
 detectable) transformers architecture, and text data into the contrastive batches that
-``tdsteer.extract`` reads.
+``tdsteer.extract`` reads. It meets the adapter contract of :mod:`tdsteer.adapter`, with the same
+names and meanings as ``tdsteer_timm``.
 
 Examples:
-    >>> import tdsteer_hf
-    >>> "llama" in tdsteer_hf.supported_model_types()
+    >>> import tdsteer, tdsteer_hf
+    >>> "llama" in tdsteer_hf.supported()
+    True
+    >>> isinstance(tdsteer_hf, tdsteer.Adapter)
     True
 """
 
 from tdsteer_hf._version import __version__
 from tdsteer_hf.architectures import (
+    DEFAULT_KIND,
     SITE_KINDS,
     Architecture,
-    ModelLayout,
     architecture,
     architecture_for,
     register_architecture,
-    resolve,
-    supported_model_types,
+    supported,
 )
 from tdsteer_hf.data import CAA_SEPARATOR, ContrastiveBatches, contrastive_batches, load_caa_json
+from tdsteer_hf.pair_files import read_pairs
+from tdsteer_hf.resolution import ModelLayout, resolve
 from tdsteer_hf.sites import describe, num_layers, sites
 
 __all__ = [
     "CAA_SEPARATOR",
+    "DEFAULT_KIND",
     "SITE_KINDS",
     "Architecture",
     "ContrastiveBatches",
@@ -37,8 +42,9 @@ __all__ = [
     "describe",
     "load_caa_json",
     "num_layers",
+    "read_pairs",
     "register_architecture",
     "resolve",
     "sites",
-    "supported_model_types",
+    "supported",
 ]

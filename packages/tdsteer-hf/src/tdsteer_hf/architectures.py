@@ -19,23 +19,19 @@ post-sub-layer norm when the model has one (Gemma 2/3, OLMo 2), at the output pr
 attention or MLP module adds the residual itself (BLOOM) or normalises after the add (BERT,
 RoBERTa). Scalar residual multipliers (Granite) are applied after the hooked module.
 
-Users add their own records with :func:`register_architecture`; :func:`resolve` finds the blocks of
-any model, falling back to ``model._no_split_modules`` and then to a guess for unknown types.
+Users add their own records with :func:`register_architecture` or :func:`architecture_for`;
+:func:`tdsteer_hf.resolution.resolve` finds the blocks of any model.
 """
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
-
-from torch import nn
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 SiteKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
-Source = Literal["table", "nested", "blocks_path", "no_split_modules", "guess"]
+DEFAULT_KIND = "resid_post"
 
 
 @dataclass(frozen=True)
@@ -92,8 +88,11 @@ _REGISTRY: dict[str, Architecture] = {}
 
 
 def register_architecture(
-    spec: Architecture | str,
+    key: Architecture | str,
+    spec: Architecture | None = None,
+    /,
     *,
+    overwrite: bool = False,
     blocks: str | None = None,
     attn: str | None = None,
     mlp: str | None = None,
@@ -101,21 +100,21 @@ def register_architecture(
     attn_slot: int | None = 0,
     mlp_slot: int | None = None,
     note: str = "",
-    overwrite: bool = False,
 ) -> Architecture:
     """Add an architecture record to the table, so :func:`tdsteer_hf.sites` knows the model type.
 
     Args:
-        spec: An :class:`Architecture`, or a ``config.model_type`` string with the fields given as
-            keywords.
-        blocks: With a string ``spec``: path of the blocks relative to the base model.
-        attn: With a string ``spec``: path of the attention module inside a block.
-        mlp: With a string ``spec``: path of the MLP module inside a block.
-        block_slot: With a string ``spec``: slot of the hidden states in a block's tuple output.
-        attn_slot: With a string ``spec``: slot of the hidden states in the attention output.
-        mlp_slot: With a string ``spec``: slot of the hidden states in the MLP output.
-        note: With a string ``spec``: remark shown in error messages.
+        key: A ``config.model_type`` string, or an :class:`Architecture` (registered under its own type).
+        spec: With a string ``key``: the :class:`Architecture` to register under it; or leave it out
+            and give the fields as keywords.
         overwrite: Replace an existing record of the same model type instead of raising.
+        blocks: Path of the blocks relative to the base model.
+        attn: Path of the attention module inside a block.
+        mlp: Path of the MLP module inside a block.
+        block_slot: Slot of the hidden states in a block's tuple output.
+        attn_slot: Slot of the hidden states in the attention output.
+        mlp_slot: Slot of the hidden states in the MLP output.
+        note: Remark shown in error messages.
 
     Returns:
         The registered record.
@@ -128,15 +127,18 @@ def register_architecture(
         >>> architecture("my_llama_like").attn
         'self_attn'
     """
-    if isinstance(spec, Architecture):
-        record = spec
-    elif isinstance(spec, str):
+    if isinstance(key, Architecture):
+        record = key
+    elif isinstance(key, str) and isinstance(spec, Architecture):
+        record = replace(spec, model_type=key)
+    elif isinstance(key, str) and spec is None:
         if blocks is None:
-            raise ValueError(f"register_architecture({spec!r}) needs blocks=, the path of the block list")
-        record = Architecture(spec, blocks, attn, mlp, block_slot, attn_slot, mlp_slot, note)
+            raise ValueError(f"register_architecture({key!r}) needs blocks=, the path of the block list")
+        record = Architecture(key, blocks, attn, mlp, block_slot, attn_slot, mlp_slot, note)
     else:
         raise TypeError(
-            f"register_architecture takes an Architecture or a model type string, got {type(spec).__name__}"
+            "register_architecture takes a model type string (with an Architecture or keyword fields) or an "
+            f"Architecture, got {type(key).__name__}"
         )
     if record.model_type in _REGISTRY and not overwrite:
         raise ValueError(f"Architecture {record.model_type!r} is already registered; pass overwrite=True to replace it")
@@ -145,9 +147,12 @@ def register_architecture(
 
 
 def architecture_for(
-    model_type: str, *, overwrite: bool = False
+    *model_types: str, overwrite: bool = False
 ) -> Callable[[Callable[[], Architecture]], Callable[[], Architecture]]:
     """Decorator form of :func:`register_architecture`: register the record a function returns.
+
+    The function takes no argument and returns an :class:`Architecture`; it is registered under each
+    of ``model_types`` (the record's own ``model_type`` must be one of them).
 
     Examples:
         >>> @architecture_for("my_decoder")
@@ -156,14 +161,18 @@ def architecture_for(
         >>> architecture("my_decoder").mlp
         'ffn'
     """
+    if not model_types:
+        raise TypeError("architecture_for needs at least one model type")
 
     def decorator(factory: Callable[[], Architecture]) -> Callable[[], Architecture]:
         record = factory()
-        if not isinstance(record, Architecture) or record.model_type != model_type:
+        if not isinstance(record, Architecture) or record.model_type not in model_types:
             raise ValueError(
-                f"@architecture_for({model_type!r}) must decorate a function returning Architecture({model_type!r}, ...)"
+                f"@architecture_for({', '.join(map(repr, model_types))}) must decorate a function returning "
+                f"Architecture({model_types[0]!r}, ...)"
             )
-        register_architecture(record, overwrite=overwrite)
+        for model_type in model_types:
+            register_architecture(model_type, record, overwrite=overwrite)
         return factory
 
     return decorator
@@ -179,11 +188,11 @@ def architecture(model_type: str) -> Architecture | None:
     return _REGISTRY.get(model_type)
 
 
-def supported_model_types() -> list[str]:
+def supported() -> list[str]:
     """Sorted list of the registered ``config.model_type`` values.
 
     Examples:
-        >>> "llama" in supported_model_types()
+        >>> "llama" in supported()
         True
     """
     return sorted(_REGISTRY)
@@ -252,268 +261,3 @@ for _type in ("bert", "roberta"):
         _type, blocks="encoder.layer", attn="attention.output.dense", attn_slot=None, mlp="output.dense"
     )
 register_architecture("distilbert", blocks="transformer.layer", attn="attention", mlp="ffn")
-
-
-# --- resolution -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Where the blocks of one model instance are, and how they were found.
-
-    Args:
-        model_type: ``model.config.model_type``, or ``None`` for a model without a config.
-        blocks_path: Path of the block list relative to the model passed in (``"model.layers"``).
-        num_layers: Number of blocks.
-        hidden_size: Width of the residual stream when the config tells it, else ``None``.
-        source: How the blocks were found: ``"table"`` (registered record), ``"nested"`` (the record
-            of a registered sub-model, e.g. the language model of a vision-language model),
-            ``"blocks_path"`` (given by the caller), ``"no_split_modules"`` (block class named by
-            ``model._no_split_modules``) or ``"guess"`` (largest list of identical modules).
-        architecture: The record used for sub-layer paths, or ``None`` when none applies.
-        input_kwarg: Name of the block's first ``forward`` argument (the hidden states).
-        kinds: The site kinds this layout can resolve (``resid_pre`` and ``resid_post`` only when
-            no architecture record applies).
-
-    Examples:
-        >>> layout = ModelLayout("gpt2", "transformer.h", 12, 768, "table", architecture("gpt2"))
-        >>> layout.block(3)
-        'transformer.h.3'
-    """
-
-    model_type: str | None
-    blocks_path: str
-    num_layers: int
-    hidden_size: int | None
-    source: Source
-    architecture: Architecture | None
-    input_kwarg: str = "hidden_states"
-    kinds: tuple[str, ...] = field(default=SITE_KINDS)
-
-    def block(self, index: int) -> str:
-        """Path of block ``index`` (non-negative) relative to the model root."""
-        return f"{self.blocks_path}.{index}" if self.blocks_path else str(index)
-
-
-def _model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    value = getattr(config, "model_type", None)
-    return value if isinstance(value, str) and value else None
-
-
-def _hidden_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    candidates = [config]
-    get_text_config = getattr(config, "get_text_config", None)
-    if callable(get_text_config):
-        try:
-            candidates.insert(0, get_text_config())
-        except Exception:  # noqa: BLE001 - a config without a text part
-            pass
-    for cfg in candidates:
-        for attr in ("hidden_size", "n_embd", "d_model", "dim"):
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
-
-
-def _module_path(root: nn.Module, target: nn.Module) -> str | None:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    return None
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
-
-
-def _is_block_list(module: Any) -> bool:
-    return isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0
-
-
-def _identical_blocks(module: nn.Module) -> bool:
-    children = list(module.children())
-    return bool(children) and len({type(child) for child in children}) == 1
-
-
-def _find_record_blocks(model: nn.Module, prefix: str, record: Architecture) -> str | None:
-    """Path of ``record.blocks`` under ``prefix``, or the one module list whose path ends with it."""
-    modules = dict(model.named_modules())
-    exact = _join(prefix, record.blocks)
-    if _is_block_list(modules.get(exact)):
-        return exact
-    matches = [
-        name
-        for name, module in modules.items()
-        if (name == record.blocks or name.endswith("." + record.blocks)) and _is_block_list(module)
-    ]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ValueError(
-            f"The {type(model).__name__} has several block lists matching {record.blocks!r} of the "
-            f"{record.model_type!r} record: {matches}. Pass blocks_path= with the one to steer."
-        )
-    return None
-
-
-def _first_argument(block: nn.Module) -> str:
-    try:
-        parameters = list(inspect.signature(block.forward).parameters.values())
-    except (TypeError, ValueError):
-        return "hidden_states"
-    for parameter in parameters:
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-            return parameter.name
-    return "hidden_states"
-
-
-def _layout(
-    model: nn.Module, path: str, source: Source, record: Architecture | None, model_type: str | None
-) -> ModelLayout:
-    blocks = model.get_submodule(path) if path else model
-    assert isinstance(blocks, (nn.ModuleList, nn.Sequential))
-    kinds = SITE_KINDS if record is not None else ("resid_pre", "resid_post")
-    return ModelLayout(
-        model_type=model_type,
-        blocks_path=path,
-        num_layers=len(blocks),
-        hidden_size=_hidden_size(model),
-        source=source,
-        architecture=record,
-        input_kwarg=_first_argument(blocks[0]),
-        kinds=kinds,
-    )
-
-
-def _unsupported_message(model: nn.Module, model_type: str | None) -> str:
-    what = f"model type {model_type!r}" if model_type else "a model without config.model_type"
-    return (
-        f"tdsteer_hf does not know where the blocks of {type(model).__name__} ({what}) are, and found no "
-        f"list of identical blocks to fall back on. Supported model types: {', '.join(supported_model_types())}. "
-        "Pass blocks_path='path.to.blocks' (the nn.ModuleList of transformer blocks, as in "
-        "model.named_modules()), or register the model type with "
-        "tdsteer_hf.register_architecture('my_type', blocks='layers', attn='self_attn', mlp='mlp')."
-    )
-
-
-def resolve(model: nn.Module, *, blocks_path: str | None = None) -> ModelLayout:
-    """Find the blocks of ``model`` and the record that names its sub-layers.
-
-    The search order is: ``blocks_path`` when given; the registered record of
-    ``model.config.model_type`` (its path tried under ``model.base_model``, then as a unique path
-    suffix, so head models, bare models and wrappers all work); the record of a registered sub-model
-    (the language model inside a vision-language model); the module list whose block class is named
-    in ``model._no_split_modules``; and last, with a warning, the largest list of identical modules.
-
-    Args:
-        model: A Hugging Face model (head or bare) or any ``nn.Module`` with a list of blocks.
-        blocks_path: Path of the block list relative to ``model``, overriding every lookup.
-
-    Returns:
-        A :class:`ModelLayout`.
-
-    Raises:
-        ValueError: ``blocks_path`` names no module list, or nothing fits; the message lists the
-            supported model types and the ``blocks_path=`` override.
-
-    Examples:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-        >>> resolve(model).blocks_path
-        'transformer.h'
-    """
-    model_type = _model_type(model)
-    record = _REGISTRY.get(model_type) if model_type else None
-
-    if blocks_path is not None:
-        try:
-            blocks = model.get_submodule(blocks_path) if blocks_path else model
-        except AttributeError:
-            blocks = None
-        if not _is_block_list(blocks):
-            raise ValueError(
-                f"blocks_path={blocks_path!r} does not name a non-empty nn.ModuleList of {type(model).__name__}; "
-                "pick the list of transformer blocks from model.named_modules()"
-            )
-        return _layout(model, blocks_path, "blocks_path", record, model_type)
-
-    if record is not None:
-        base = getattr(model, "base_model", model)
-        prefix = _module_path(model, base) if isinstance(base, nn.Module) else ""
-        path = _find_record_blocks(model, prefix or "", record)
-        if path is None:
-            raise ValueError(
-                f"The {record.model_type!r} record places the blocks at {record.blocks!r} under the base model, "
-                f"but {type(model).__name__} has no such module list. Pass blocks_path= or replace the record "
-                "with tdsteer_hf.register_architecture(..., overwrite=True)."
-            )
-        return _layout(model, path, "table", record, model_type)
-
-    # A registered sub-model: the language tower of a vision-language model, a wrapped decoder.
-    nested: list[tuple[str, Architecture]] = []
-    for name, module in model.named_modules():
-        sub_type = _model_type(module) if name else None
-        inside_found = any(name.startswith(found + ".") for found, _ in nested)
-        if sub_type and sub_type in _REGISTRY and not inside_found:
-            nested.append((name, _REGISTRY[sub_type]))
-    if nested:
-        if len(nested) > 1:
-            text_type = None
-            get_text_config = getattr(getattr(model, "config", None), "get_text_config", None)
-            if callable(get_text_config):
-                text_type = getattr(get_text_config(), "model_type", None)
-            preferred = [item for item in nested if item[1].model_type == text_type]
-            if len(preferred) != 1:
-                raise ValueError(
-                    f"{type(model).__name__} holds several registered sub-models "
-                    f"{[(name, rec.model_type) for name, rec in nested]}; pass blocks_path= with the blocks to use"
-                )
-            nested = preferred
-        name, sub_record = nested[0]
-        path = _find_record_blocks(model, name, sub_record)
-        if path is not None:
-            return _layout(model, path, "nested", sub_record, model_type)
-
-    candidates = [
-        (name, module) for name, module in model.named_modules() if _is_block_list(module) and _identical_blocks(module)
-    ]
-    no_split = set(getattr(model, "_no_split_modules", None) or ())
-    named = [(name, module) for name, module in candidates if type(module[0]).__name__ in no_split]
-    if named:
-        if len(named) > 1:
-            text_like = [
-                item for item in named if any(k in item[0] for k in ("language_model", "text_model", "decoder"))
-            ]
-            chosen = max(text_like or named, key=lambda item: _size(item[1]))
-            warnings.warn(
-                f"{type(model).__name__} has several block lists named by _no_split_modules "
-                f"({[name for name, _ in named]}); using {chosen[0]!r}. Pass blocks_path= to choose another.",
-                UserWarning,
-                stacklevel=3,
-            )
-        else:
-            chosen = named[0]
-        return _layout(model, chosen[0], "no_split_modules", None, model_type)
-
-    if candidates:
-        chosen = max(candidates, key=lambda item: (_size(item[1]), -item[0].count(".")))
-        warnings.warn(
-            f"Model type {model_type!r} is not registered and names no block class in _no_split_modules; "
-            f"guessing that the blocks are the largest list of identical modules, {chosen[0]!r} ({len(chosen[1])} x {type(chosen[1][0]).__name__}). "
-            "Pass blocks_path= or tdsteer_hf.register_architecture(...) to make this explicit.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return _layout(model, chosen[0], "guess", None, model_type)
-
-    raise ValueError(_unsupported_message(model, model_type))
-
-
-def _size(module: nn.Module) -> int:
-    """Parameter count: a list of blocks outweighs any list nested inside its blocks (MoE experts)."""
-    return sum(parameter.numel() for parameter in module.parameters())

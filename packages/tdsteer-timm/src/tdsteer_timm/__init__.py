@@ -1,28 +1,38 @@
-"""tdsteer-timm: steering sites for timm vision models.
+"""tdsteer-timm: steering sites for timm vision models, meeting the adapter contract of
+:mod:`tdsteer.adapter` (the same names and meanings as ``tdsteer_hf``).
 
 Examples:
     >>> import timm, tdsteer_timm
     >>> model = timm.create_model("resnet18", pretrained=False)
-    >>> [s.path for s in tdsteer_timm.sites(model, -1, level="stage")]
+    >>> [s.path for s in tdsteer_timm.sites(model, -1, kind="stage")]
     ['layer4']
 """
 
 from tdsteer_timm import families as _families  # noqa: F401  (registers the built-in architectures)
 from tdsteer_timm._version import __version__
-from tdsteer_timm.arch import ArchInfo, ArchSpec, SiteInfo, describe, register_arch, supported_classes
-from tdsteer_timm.data import ImageBatches, image_batches
+from tdsteer_timm.arch import (
+    DEFAULT_KIND,
+    SITE_KINDS,
+    ArchSpec,
+    architecture_for,
+    register_architecture,
+    supported,
+)
+from tdsteer_timm.data import ImageBatches, contrastive_batches
+from tdsteer_timm.description import describe
 from tdsteer_timm.sites import num_layers, sites
 
 __all__ = [
-    "ArchInfo",
+    "DEFAULT_KIND",
+    "SITE_KINDS",
     "ArchSpec",
     "ImageBatches",
-    "SiteInfo",
     "__version__",
+    "architecture_for",
+    "contrastive_batches",
     "describe",
-    "image_batches",
     "num_layers",
-    "register_arch",
+    "register_architecture",
     "sites",
-    "supported_classes",
+    "supported",
 ]

@@ -31,7 +31,7 @@ def _as_images(images: Tensor | Sequence[Tensor], which: str) -> Tensor:
 class ImageBatches:
     """Re-iterable contrastive batches ``{"positive": Tensor[B, C, H, W], "negative": Tensor[B, C, H, W]}``.
 
-    Built by :func:`image_batches`; ``len()`` is the number of batches.
+    Built by :func:`contrastive_batches`; ``len()`` is the number of batches.
     """
 
     def __init__(self, positive: Tensor, negative: Tensor, batch_size: int) -> None:
@@ -54,7 +54,7 @@ class ImageBatches:
         )
 
 
-def image_batches(
+def contrastive_batches(
     positive_images: Tensor | Sequence[Tensor],
     negative_images: Tensor | Sequence[Tensor],
     batch_size: int = 32,
@@ -76,7 +76,7 @@ def image_batches(
 
     Examples:
         >>> import torch
-        >>> batches = image_batches(torch.zeros(5, 3, 32, 32), torch.ones(5, 3, 32, 32), batch_size=2)
+        >>> batches = contrastive_batches(torch.zeros(5, 3, 32, 32), torch.ones(5, 3, 32, 32), batch_size=2)
         >>> len(batches), [b["positive"].shape[0] for b in batches]
         (3, [2, 2, 1])
     """
@@ -86,7 +86,7 @@ def image_batches(
     negative = _as_images(negative_images, "negative")
     if positive.shape[0] != negative.shape[0]:
         raise ValueError(
-            f"image_batches pairs images: got {positive.shape[0]} positive and {negative.shape[0]} negative images; "
+            f"contrastive_batches pairs images: got {positive.shape[0]} positive and {negative.shape[0]} negative images; "
             "pass the same number of each"
         )
     if positive.shape[1:] != negative.shape[1:]:

@@ -26,35 +26,35 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tdsteer_timm.arch import ArchSpec, register_arch
+from tdsteer_timm.arch import ArchSpec, architecture_for
 
 
-@register_arch(VisionTransformer, Eva, Beit)
+@architecture_for(VisionTransformer, Eva, Beit)
 def _vit(model: nn.Module) -> ArchSpec:
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     return ArchSpec("vit", r"blocks\.\d+", r"blocks\.\d+", "NLC", prefix_tokens=prefix)
 
 
-@register_arch(ResNet)
+@architecture_for(ResNet)
 def _resnet(model: nn.Module) -> ArchSpec:
     return ArchSpec("resnet", r"layer\d+\.\d+", r"layer\d+", "NCHW")
 
 
-@register_arch(ConvNeXt)
+@architecture_for(ConvNeXt)
 def _convnext(model: nn.Module) -> ArchSpec:
     return ArchSpec("convnext", r"stages\.\d+\.blocks\.\d+", r"stages\.\d+", "NCHW")
 
 
-@register_arch(SwinTransformer, SwinTransformerV2)
+@architecture_for(SwinTransformer, SwinTransformerV2)
 def _swin(model: nn.Module) -> ArchSpec:
     return ArchSpec("swin", r"layers\.\d+\.blocks\.\d+", r"layers\.\d+", "NHWC")
 
 
-@register_arch(EfficientNet, MobileNetV3)
+@architecture_for(EfficientNet, MobileNetV3)
 def _efficientnet(model: nn.Module) -> ArchSpec:
     return ArchSpec("efficientnet", r"blocks\.\d+\.\d+", r"blocks\.\d+", "NCHW")
 
 
-@register_arch(RegNet)
+@architecture_for(RegNet)
 def _regnet(model: nn.Module) -> ArchSpec:
     return ArchSpec("regnet", r"s\d+\.b\d+", r"s\d+", "NCHW")

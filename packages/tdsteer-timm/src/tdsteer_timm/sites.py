@@ -1,29 +1,23 @@
-"""Sites of timm models, by block or stage index."""
+"""Sites of timm models, by block or stage index: the adapter's ``sites`` and ``num_layers``."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from tdsteer import Site, take_indices
+from tdsteer import Site
 from tdsteer.indices import IndexSpec
-from tdsteer_timm.arch import LEVELS, Level, describe
+from tdsteer_timm.arch import DEFAULT_KIND
+from tdsteer_timm.description import describe_model
 
 
-def _check_level(level: str) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"Unknown level {level!r}: use 'block' (every residual block) or 'stage' (every stage)")
-
-
-def num_layers(model: nn.Module, level: Level = "block", *, fallback: bool = False) -> int:
-    """Number of blocks or stages of a timm model.
+def num_layers(model: nn.Module, kind: str = DEFAULT_KIND, *, fallback: bool = True) -> int:
+    """Number of blocks or stages of a timm model: the count that :func:`sites` indexes into.
 
     Args:
         model: A timm model (``timm.create_model(..., pretrained=False)`` works offline).
-        level: ``"block"`` (every block) or ``"stage"`` (the stages timm lists in ``feature_info``).
-        fallback: For an unregistered class, count the modules of ``model.feature_info`` (with a warning).
-
-    Returns:
-        The count that :func:`sites` indexes into.
+        kind: ``"block"`` (every block) or ``"stage"`` (the stages timm lists in ``feature_info``).
+        fallback: For an unregistered class, guess from ``model.feature_info`` with a warning
+            (see :func:`tdsteer_timm.describe`); ``False`` raises instead.
 
     Examples:
         >>> import timm
@@ -32,35 +26,38 @@ def num_layers(model: nn.Module, level: Level = "block", *, fallback: bool = Fal
         >>> num_layers(timm.create_model("resnet18", pretrained=False), "stage")
         4
     """
-    _check_level(level)
-    return len(describe(model, fallback=fallback).level(level))
+    return describe_model(model, fallback).num_layers(kind)
 
 
 def sites(
     model: nn.Module,
     layers: IndexSpec = None,
-    level: Level = "block",
+    kind: str = DEFAULT_KIND,
     *,
-    fallback: bool = False,
+    fallback: bool = True,
 ) -> list[Site]:
     """Sites at the outputs of chosen blocks or stages of a timm model.
 
     Args:
-        model: A timm model; its class (or a parent class) must be registered, see
-            :func:`tdsteer_timm.supported_classes` and :func:`tdsteer_timm.register_arch`.
-        layers: ``None`` for all, an int for one, a sequence of ints, or a slice; negative indices
-            count from the end (:func:`tdsteer.take_indices`).
-        level: ``"block"`` for block outputs (``blocks.3``, ``layer2.1``, ``stages.1.blocks.0``) or
+        model: A timm model; its class (or a parent class) is registered (:func:`tdsteer_timm.supported`,
+            :func:`tdsteer_timm.register_architecture`), or the fallback guesses from ``feature_info``.
+        layers: ``None`` for all, an int for *one* (``-1`` the last), a sequence of ints and slices,
+            or a slice (``slice(-2, None)``: the last two); the one index rule of
+            :func:`tdsteer.take_indices` (not timm's ``feature_take_indices``, where ``n`` means the last n).
+        kind: ``"block"`` for block outputs (``blocks.3``, ``layer2.1``, ``stages.1.blocks.0``) or
             ``"stage"`` for stage outputs (``layer2``, ``stages.1``).
-        fallback: For an unregistered class, use the modules of ``model.feature_info`` (with a warning).
+        fallback: For an unregistered class, guess from ``model.feature_info`` with a warning
+            (see :func:`tdsteer_timm.describe`); ``False`` raises instead.
 
     Returns:
         One :class:`tdsteer.Site` per chosen layer, with the layout (``NLC`` with ``prefix_tokens``
         for ViTs, ``NCHW`` for CNNs, ``NHWC`` for Swin) set.
 
     Raises:
-        TypeError: The model class is not registered; the message lists the supported classes.
+        tdsteer.errors.UnknownArchitectureError: The model cannot be placed; the message lists the
+            supported classes and how to register one.
         IndexError: An index is out of range; the message gives the valid range.
+        ValueError: Unknown ``kind``.
 
     Examples:
         >>> import timm
@@ -69,10 +66,7 @@ def sites(
         ['blocks.0', 'blocks.3']
         >>> sites(model, -1)[0].prefix_tokens
         1
-        >>> sites(timm.create_model("resnet18", pretrained=False), 1, level="stage")[0].path
+        >>> sites(timm.create_model("resnet18", pretrained=False), 1, kind="stage")[0].path
         'layer2'
     """
-    _check_level(level)
-    records = describe(model, fallback=fallback).level(level)
-    chosen = take_indices(len(records), layers, what=level)
-    return [records[i].site() for i in chosen]
+    return describe_model(model, fallback).select(layers, kind)

@@ -2,6 +2,7 @@
 
 from tdsteer._version import __version__
 from tdsteer.activation_addition import ActivationAddition
+from tdsteer.adapter import Adapter, ModelDescription, SiteInfo
 from tdsteer.aggregators import (
     ActAdd,
     Aggregator,
@@ -13,17 +14,24 @@ from tdsteer.aggregators import (
     register_method,
 )
 from tdsteer.cache import ActivationCache, ActivationCacheError
+from tdsteer.errors import SteeringVectorFileError, UnknownArchitectureError
 from tdsteer.extraction import Extraction, SiteRecorder, extract
-from tdsteer.indices import take_indices
+from tdsteer.indices import parse_indices, take_indices
 from tdsteer.keys import BatchKeys
 from tdsteer.operators import Ablate, Add, AddNorm, Clamp, Custom, Operator, register_operator
 from tdsteer.positions import PositionPolicy
 from tdsteer.reading import ReadContext, TokenReading, register_reader
 from tdsteer.sites import Site, as_site, as_sites
 from tdsteer.steering import SteeringVectors, steer
-from tdsteer.vector import SteeringVector, SteeringVectorFileError
+from tdsteer.vector import SteeringVector, as_vector
 
 __all__ = [
+    "Adapter",
+    "ModelDescription",
+    "SiteInfo",
+    "UnknownArchitectureError",
+    "as_vector",
+    "parse_indices",
     "Ablate",
     "ActAdd",
     "ActivationCache",

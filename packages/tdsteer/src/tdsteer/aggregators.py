@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from tdsteer.reading import Reading, TokenReading
@@ -81,8 +82,6 @@ class Aggregator:
 
     def all_reduce(self, group: Any = None) -> None:
         """Sum the state over all processes of ``group`` (``torch.distributed``)."""
-        import torch.distributed as dist
-
         keys = sorted(self.state)
         names: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(names, keys, group=group)
@@ -213,8 +212,6 @@ class LinearProbe(Aggregator):
         return self
 
     def all_reduce(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
         gathered: list[Any] = [None] * dist.get_world_size(group)
         mine = (torch.cat(self.rows_pos), torch.cat(self.rows_neg), bool(self.nonfinite))
         dist.all_gather_object(gathered, mine, group=group)
@@ -295,8 +292,6 @@ class ActAdd(Aggregator):
         return self
 
     def all_reduce(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
         length = torch.tensor([self.state["n"].shape[0]], dtype=torch.int64)
         dist.all_reduce(length, op=dist.ReduceOp.MAX, group=group)
         self.state = {k: _pad_rows(v, int(length)) for k, v in self.state.items()}

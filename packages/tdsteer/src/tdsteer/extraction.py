@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tdhook.contexts import HookingContextFactory
 from tdhook.hooks import EarlyStoppingException, HookFactory
 from tdhook.modules import HookedModule
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tdsteer.aggregators import Aggregator, make_aggregator
+from tdsteer.batches import batch_size, digest, to_device
 from tdsteer.keys import BatchKeys
 from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, describe_read
 from tdsteer.sites import Site, SiteLike, as_sites
@@ -106,42 +108,11 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def _to_device(value: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return value
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, TensorDictBase):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def model_device(model: nn.Module) -> torch.device | None:
     """Device of the model's first parameter (``None`` for a model without parameters)."""
     for parameter in model.parameters():
         return parameter.device
     return None
-
-
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0])
-    for value in inputs.values():
-        if isinstance(value, Tensor):
-            return int(value.shape[0])
-    raise ValueError("Batch inputs hold no tensor")
-
-
-def _digest(hasher: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        hasher.update(str(tuple(value.shape)).encode())
-        hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
-    elif isinstance(value, (Mapping, TensorDictBase)):
-        for key in sorted(value.keys()):
-            hasher.update(str(key).encode())
-            _digest(hasher, value[key])
 
 
 class Extraction:
@@ -217,14 +188,14 @@ class Extraction:
             for batch in tqdm(batches, total=total, desc=f"extract {self.method}", unit="batch", disable=not progress):
                 pos, neg, pos_index, neg_index = self._unpack(batch)
                 if self._fingerprint is None:
-                    _digest(self._hasher, pos)
-                    _digest(self._hasher, neg)
+                    digest(self._hasher, pos)
+                    digest(self._hasher, neg)
                 pos_mask, neg_mask = self._mask(pos, "positive"), self._mask(neg, "negative")
-                pos_read = recorder.run(model, _to_device(pos, target), pos_mask, pos_index)
-                neg_read = recorder.run(model, _to_device(neg, target), neg_mask, neg_index)
+                pos_read = recorder.run(model, to_device(pos, target), pos_mask, pos_index)
+                neg_read = recorder.run(model, to_device(neg, target), neg_mask, neg_index)
                 for site in self.sites:
                     self.aggregators[site.key].update(pos_read[site.key], neg_read[site.key])
-                self.num_examples += _batch_size(pos)
+                self.num_examples += batch_size(pos)
                 seen += 1
         if seen == 0:
             raise ValueError("No batches to extract from: the data is empty")
@@ -245,7 +216,7 @@ class Extraction:
         pos, neg = batch[self.keys.positive], batch[self.keys.negative]
         pos_index = batch.get(self.keys.positive_index) if hasattr(batch, "get") else None
         neg_index = batch.get(self.keys.negative_index) if hasattr(batch, "get") else None
-        if _batch_size(pos) == 0 or _batch_size(neg) == 0:
+        if batch_size(pos) == 0 or batch_size(neg) == 0:
             raise ValueError("A batch has no positive or no negative examples")
         return pos, neg, pos_index, neg_index
 
@@ -272,8 +243,6 @@ class Extraction:
 
     def all_reduce(self, group: Any = None) -> Extraction:
         """Combine the states of every ``torch.distributed`` process (each saw one shard)."""
-        import torch.distributed as dist
-
         for aggregator in self.aggregators.values():
             aggregator.all_reduce(group)
         shards: list[Any] = [None] * dist.get_world_size(group)

@@ -1,7 +1,9 @@
 """Interchange formats: lm-eval's ``steered`` ``.pt`` files and llama.cpp GGUF control vectors.
 
 Both are data, never code: ``.pt`` files are read with ``torch.load(weights_only=True)``, so a pickle
-that would run code is refused.
+that would run code is refused. These functions read and write the parts of a vector (directions,
+sites, metadata); :class:`tdsteer.SteeringVector` wraps them as ``to_lm_eval`` / ``from_lm_eval`` /
+``to_gguf`` / ``from_gguf``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,23 @@ import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from tdsteer.errors import SteeringVectorFileError
 from tdsteer.sites import Site
-from tdsteer.vector import SteeringVector, SteeringVectorFileError
 
 _TRAILING_INDEX = re.compile(r"(\d+)$")
+
+
+class VectorParts(NamedTuple):
+    """What a file holds: site key -> direction, site key -> :class:`~tdsteer.Site`, and metadata."""
+
+    directions: dict[str, Tensor]
+    sites: dict[str, Site]
+    metadata: dict[str, Any]
 
 
 def _strip(path: str, prefix: str) -> str:
@@ -31,7 +41,8 @@ def _strip(path: str, prefix: str) -> str:
 
 
 def save_lm_eval(
-    vector: SteeringVector,
+    directions: Mapping[str, Tensor],
+    sites: Mapping[str, Site],
     path: str | os.PathLike[str],
     *,
     scale: float = 1.0,
@@ -46,7 +57,8 @@ def save_lm_eval(
     lm-eval steers every position of the output of each hookpoint, with one coefficient per file.
 
     Args:
-        vector: Vector of ``[C]`` directions at module outputs.
+        directions: Site key -> ``[C]`` direction at a module output.
+        sites: Site key -> site.
         path: Destination ``.pt`` file.
         scale: ``steering_coefficient`` (for ``action="clamp"``: the projection value).
         action: ``"add"`` or ``"clamp"``.
@@ -58,8 +70,8 @@ def save_lm_eval(
     if action not in ("add", "clamp"):
         raise ValueError(f"lm-eval supports action 'add' or 'clamp', got {action!r}")
     config: dict[str, dict[str, Any]] = {}
-    for key, direction in vector.directions.items():
-        site = vector.sites[key]
+    for key, direction in directions.items():
+        site = sites[key]
         if direction.ndim != 1 or site.io != "output" or site.slot not in (None, 0):
             raise ValueError(
                 f"Site {key!r}: lm-eval files hold one [C] vector per module output (slot 0); "
@@ -78,8 +90,8 @@ def save_lm_eval(
     return path
 
 
-def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> SteeringVector:
-    """Read an lm-eval ``steered`` ``.pt`` file as a :class:`SteeringVector`.
+def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorParts:
+    """Read an lm-eval ``steered`` ``.pt`` file.
 
     ``add`` entries become ``coefficient * vector``, to be applied with ``operator="add"``;
     ``clamp`` entries become ``value * unit vector``, to be applied with ``operator="clamp"`` and
@@ -88,6 +100,9 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> SteeringV
     Args:
         path: The ``.pt`` file.
         prefix: Path of ``model.base_model``, prepended to the hookpoints to make site paths.
+
+    Returns:
+        The directions (plain module-output sites) and metadata.
 
     Raises:
         SteeringVectorFileError: Not a readable file, a pickle that needs code to load, or entries
@@ -129,7 +144,8 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> SteeringV
             raise SteeringVectorFileError(f"{str(path)!r}: unknown action {action!r} at {hookpoint!r}")
     if len(actions) > 1:
         raise SteeringVectorFileError(f"{str(path)!r} mixes actions {sorted(actions)}; split it per action")
-    return SteeringVector(directions, metadata={"method": "lm_eval", "operator": actions.pop(), "source": str(path)})
+    metadata = {"method": "lm_eval", "operator": actions.pop(), "source": str(path)}
+    return VectorParts(directions, {key: Site(key) for key in directions}, metadata)
 
 
 def _layer_of(key: str) -> int:
@@ -140,7 +156,7 @@ def _layer_of(key: str) -> int:
 
 
 def save_gguf(
-    vector: SteeringVector,
+    directions: Mapping[str, Tensor],
     path: str | os.PathLike[str],
     *,
     layer_of: Mapping[str, int] | Callable[[str], int] | None = None,
@@ -152,17 +168,17 @@ def save_gguf(
     outputs (``resid_post``); block 0 cannot be steered there.
 
     Args:
-        vector: Vector of ``[C]`` directions at block outputs.
+        directions: Site key -> ``[C]`` direction at a block output.
         path: Destination ``.gguf`` file.
         layer_of: Block index of each site; default: the trailing number of the site path.
-        model_hint: ``controlvector.model_hint`` (default: the vector's recorded model type).
+        model_hint: ``controlvector.model_hint`` (the model type; ``"unknown"`` when ``None``).
 
     Returns:
         The path written.
     """
     gguf = _import_gguf()
     layers: dict[int, Tensor] = {}
-    for key, direction in vector.directions.items():
+    for key, direction in directions.items():
         if direction.ndim != 1:
             raise ValueError(f"Site {key!r}: GGUF control vectors hold one [C] vector per layer")
         if layer_of is None:
@@ -178,7 +194,7 @@ def save_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     arch = "controlvector"
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_string(f"{arch}.model_hint", model_hint or str(vector.metadata.get("model_type") or "unknown"))
+    writer.add_string(f"{arch}.model_hint", model_hint or "unknown")
     writer.add_uint32(f"{arch}.layer_count", len(layers))
     for layer in sorted(layers):
         writer.add_tensor(f"direction.{layer}", layers[layer].detach().float().cpu().numpy())
@@ -189,13 +205,16 @@ def save_gguf(
     return path
 
 
-def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str = "NLC") -> SteeringVector:
-    """Read a llama.cpp control vector as a :class:`SteeringVector`; needs ``tdsteer[gguf]``.
+def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str = "NLC") -> VectorParts:
+    """Read a llama.cpp control vector; needs ``tdsteer[gguf]``.
 
     Args:
         path: The ``.gguf`` file.
         path_template: Site path of block ``i`` with ``{i}``, e.g. ``"model.layers.{i}"``.
         layout: Layout of the sites.
+
+    Returns:
+        The directions, one per block, in block order, and metadata.
 
     Raises:
         SteeringVectorFileError: Not a readable GGUF file or no ``direction.N`` tensors.
@@ -226,11 +245,11 @@ def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str =
         raise SteeringVectorFileError(f"{str(path)!r} holds no direction.N tensors: not a control vector")
     ordered = sorted(directions, key=_layer_of)
     metadata = {"method": "gguf", "model_type": hint, "source": str(path)}
-    return SteeringVector({k: directions[k] for k in ordered}, {k: sites[k] for k in ordered}, metadata)
+    return VectorParts({k: directions[k] for k in ordered}, {k: sites[k] for k in ordered}, metadata)
 
 
 def _import_gguf() -> Any:
-    try:
+    try:  # gguf is an optional extra (tdsteer[gguf]): imported only when a GGUF file is read or written
         import gguf
     except ImportError:
         raise ImportError("GGUF files need the gguf package: pip install 'tdsteer[gguf]'") from None

@@ -6,20 +6,42 @@ The context learns which absolute positions a call covers from the root model's 
 arguments (``cache_position``, or the length of ``cache`` / ``past_key_values``), and where the
 prompt ends from the ``generate`` call it wraps. Everything a hook computes from that is a tensor
 op on the activation's device: no host-device synchronisation.
+
+What a hook gets for a policy is a :data:`Selection`: a mask tensor, or a :class:`Span` when the
+whole call is selected (:attr:`Span.ALL`) or none of it is (:attr:`Span.NONE`) and no mask is needed.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
 PositionsLike = str | int
+
+
+class Span(enum.Enum):
+    """A selection that covers every position of the current call, or none of them.
+
+    Hooks tell the members apart by identity (``selected is Span.NONE``), which costs no
+    allocation and reads no device tensor.
+    """
+
+    ALL = "all"
+    """Every position is selected: steer the whole call, no mask needed."""
+    NONE = "none"
+    """No position is selected: leave the activation as it is."""
+
+
+Selection: TypeAlias = Tensor | Span
+"""What :meth:`PositionTracker.mask` and :meth:`PositionTracker.weights` return: a mask tensor, or a
+:class:`Span` when the answer is the same for every position."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +129,7 @@ class PositionTracker:
         self._arange: dict[torch.device, Tensor] = {}
         self._padding: Tensor | None = None
         # masks of the current call, shared by every hooked layer: built once per model call
-        self._masks: dict[tuple[Any, ...], Tensor | None | bool] = {}
+        self._masks: dict[tuple[Any, ...], Selection] = {}
 
     # -- observed from the root model -------------------------------------------------------------
     def observe_call(self, kwargs: dict[str, Any]) -> None:
@@ -174,42 +196,52 @@ class PositionTracker:
             return None
         return self.start, self.start + length
 
-    def weights(
-        self, policy: PositionPolicy, length: int, device: torch.device, dtype: torch.dtype
-    ) -> Tensor | None | bool:
-        """:meth:`mask` as a ``[1 or B, L, 1]`` tensor of ``dtype``, built once per call and shared by
-        every hooked layer."""
+    def weights(self, policy: PositionPolicy, length: int, device: torch.device, dtype: torch.dtype) -> Selection:
+        """:meth:`mask` with its tensor as ``[1 or B, L, 1]`` weights of ``dtype``, built once per call
+        and shared by every hooked layer; a :class:`Span` is returned as it is."""
         key = (policy, length, device, dtype)
-        if key not in self._masks:
+        selected = self._masks.get(key)  # never None once stored: one dict lookup per hook call
+        if selected is None:
             selected = self.mask(policy, length, device)
-            self._masks[key] = selected.unsqueeze(-1).to(dtype) if isinstance(selected, Tensor) else selected
-        return self._masks[key]
+            if isinstance(selected, Tensor):
+                selected = selected.unsqueeze(-1).to(dtype)
+            self._masks[key] = selected
+        return selected
 
-    def mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Tensor | None | bool:
-        """Selection mask for ``policy`` over the current call.
+    def mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Selection:
+        """Which positions of the current call ``policy`` selects.
 
         Returns:
-            ``None`` when every position is selected, ``False`` when none is, else a bool tensor
-            ``[1, L]`` or ``[B, L]``.
+            :attr:`Span.ALL` when every position is selected, :attr:`Span.NONE` when none is, else a
+            bool tensor ``[1, L]`` or ``[B, L]``.
+
+        Examples:
+            >>> tracker, cpu = PositionTracker(), torch.device("cpu")
+            >>> tracker.mask(as_policy("all"), 4, cpu)
+            <Span.ALL: 'all'>
+            >>> tracker.mask(as_policy("generated"), 4, cpu)  # a plain forward generates nothing
+            <Span.NONE: 'none'>
+            >>> tracker.mask(as_policy("from:2"), 4, cpu)
+            tensor([[False, False,  True,  True]])
         """
         if policy.is_all:
-            return None
+            return Span.ALL
         window = self.window(length)
         if policy.kind in ("prompt", "generated"):
             if self.prompt_length is None:
-                return None if policy.kind == "prompt" else False
+                return Span.ALL if policy.kind == "prompt" else Span.NONE
             if window is not None:
                 start, stop = window
                 if policy.kind == "prompt":
                     if stop <= self.prompt_length:
-                        return None
+                        return Span.ALL
                     if start >= self.prompt_length:
-                        return False
+                        return Span.NONE
                 else:
                     if start >= self.prompt_length:
-                        return None
+                        return Span.ALL
                     if stop <= self.prompt_length:
-                        return False
+                        return Span.NONE
             pos = self.positions(length, device)
             selected = pos < self.prompt_length if policy.kind == "prompt" else pos >= self.prompt_length
             return selected.unsqueeze(0)
@@ -218,9 +250,9 @@ class PositionTracker:
         if padding is None and window is not None:
             start, stop = window
             if start >= policy.start:
-                return None
+                return Span.ALL
             if stop <= policy.start:
-                return False
+                return Span.NONE
         pos = self.positions(length, device).unsqueeze(0)
         if padding is not None:
             pos = pos - padding.unsqueeze(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tdhook.contexts import HookingContextFactory
@@ -15,11 +15,9 @@ from tdhook.runtime import BoundHookProgram, HookProgramBuilder, HookSpec
 from torch import Tensor, nn
 
 from tdsteer.operators import Add, Custom, Operator, Scale, as_operator
-from tdsteer.positions import PositionPolicy, PositionsLike, PositionTracker, as_policy, wrap_generate
+from tdsteer.positions import PositionPolicy, PositionsLike, PositionTracker, Span, as_policy, wrap_generate
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
-
-if TYPE_CHECKING:
-    from tdsteer.vector import SteeringVector
+from tdsteer.vector import SteeringVector
 
 
 class _SiteSteerer:
@@ -82,10 +80,11 @@ class _SiteSteerer:
         mask: Tensor | None = None
         if not self.policy.is_all:
             selected = self.tracker.weights(self.policy, x.shape[1], x.device, x.dtype)
-            if selected is False:
-                return None
+            # a mask, Span.NONE or Span.ALL (no mask); the tensor test first, as an enum attribute is slower
             if isinstance(selected, Tensor):
                 mask = selected
+            elif selected is Span.NONE:
+                return None
         vector, scale, delta = self._prepared(x)
         if delta is not None:
             out = x + (delta if mask is None else delta * mask)
@@ -333,11 +332,9 @@ def steer(
         >>> torch.allclose(y, model[0](x) - 1)
         True
     """
-    from tdsteer.vector import SteeringVector
-
     if isinstance(vector, SteeringVector):
         chosen = vector if sites is None else vector.select(sites)
-        chosen.validate(model, on_mismatch=check)
+        chosen.validate(model, check=check)
         site_list: list[Site] = list(chosen.sites.values())
         tensors: dict[str, Tensor] = dict(chosen.directions)
     elif isinstance(vector, Mapping):

@@ -5,53 +5,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from tdsteer import formats
 from tdsteer._version import __version__
+from tdsteer.checks import Check, as_check, report
+from tdsteer.errors import SteeringVectorFileError
+from tdsteer.model_facts import model_hidden_size, model_name_of, model_type_of
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
 
 FORMAT = "tdsteer.steering_vector"
 FORMAT_VERSION = 1
 _HEADER_KEY = "tdsteer"
-
-
-class SteeringVectorFileError(ValueError):
-    """A steering-vector file is missing, truncated, corrupted or not a tdsteer file."""
-
-
-def model_type_of(model: nn.Module) -> str:
-    """The model type recorded in vectors: ``config.model_type`` when there is one, else the class name."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    return str(model_type) if model_type else type(model).__name__
-
-
-def model_hidden_size(model: nn.Module) -> int | None:
-    """``config.hidden_size`` of the model (or its text config), when it has one."""
-    config = getattr(model, "config", None)
-    for candidate in (config, getattr(config, "text_config", None)):
-        size = getattr(candidate, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    return None
-
-
-def model_name_of(model: nn.Module) -> str | None:
-    """The model name recorded in vectors: ``config.name_or_path`` (or ``_name_or_path``) when set."""
-    config = getattr(model, "config", None)
-    for attr in ("name_or_path", "_name_or_path"):
-        value = getattr(config, attr, None)
-        if value:
-            return str(value)
-    return None
 
 
 @dataclass
@@ -183,23 +157,31 @@ class SteeringVector:
         return self._derived({k: v.to(*args, **kwargs) for k, v in self.directions.items()})
 
     # -- checks -----------------------------------------------------------------------------------
-    def validate(self, model: nn.Module, *, on_mismatch: str = "warn") -> None:
-        """Check that this vector fits ``model``.
+    def validate(self, model: nn.Module, *, check: Check = "warn", site_sizes: Mapping[str, int] | None = None) -> None:
+        """Check that this vector fits ``model``: the one check before steering, from Python or the command line.
 
         Every site must resolve to a module; a vector that records the hidden size of the model it
-        came from (``model_hidden_size``) must match the model's ``config.hidden_size``; a different
-        recorded model type warns, errors or is ignored per ``on_mismatch``. Each site's size is
+        came from (``model_hidden_size``) must match the model's (:func:`tdsteer.model_facts.model_hidden_size`);
+        each direction must have the channels an adapter reports for its site (``site_sizes``); a
+        different recorded model type warns, errors or is ignored per ``check``. Each site's size is
         checked again on every steered call, naming the site, the expected and the found size.
 
         Args:
             model: The model the vector is about to steer.
-            on_mismatch: ``"warn"``, ``"error"`` or ``"ignore"`` for a model-type mismatch.
+            check: ``"warn"``, ``"error"`` or ``"ignore"`` for a model-type mismatch.
+            site_sizes: Site key -> channels the model has there (an adapter's
+                ``describe(model).site_sizes()``); sites not listed are not checked here.
 
         Raises:
-            ValueError: A site does not resolve, or (with ``on_mismatch="error"``) another model type.
+            ValueError: A site does not resolve, a size differs, or (with ``check="error"``) another
+                model type.
+
+        Examples:
+            >>> import torch
+            >>> v = SteeringVector({"0": torch.ones(4)})
+            >>> v.validate(torch.nn.Sequential(torch.nn.Linear(4, 4)), site_sizes={"0": 4})
         """
-        if on_mismatch not in ("warn", "error", "ignore"):
-            raise ValueError(f"on_mismatch must be 'warn', 'error' or 'ignore', got {on_mismatch!r}")
+        as_check(check)
         for site in self.sites.values():
             site.module(model)
         recorded_size = self.metadata.get("model_hidden_size")
@@ -209,16 +191,22 @@ class SteeringVector:
                 f"This steering vector comes from a model with hidden size {recorded_size}, but this model has "
                 f"hidden size {actual_size}: it was made for another model; extract a vector for this one"
             )
+        for key, direction in self.directions.items():
+            size = (site_sizes or {}).get(key)
+            if size is not None and int(direction.shape[-1]) != size:
+                raise ValueError(
+                    f"This steering vector has hidden size {int(direction.shape[-1])} at site {key!r} but the model's "
+                    f"hidden size there is {size}: the vector was made for another model"
+                )
         recorded = self.metadata.get("model_type")
         actual = model_type_of(model)
-        if recorded and recorded != actual and on_mismatch != "ignore":
-            message = (
+        if recorded and recorded != actual:
+            report(
+                check,
                 f"This steering vector was made for model type {recorded!r} but the model is {actual!r}; "
-                "pass check='ignore' (or on_mismatch='ignore') if that is intended"
+                "pass check='ignore' (--check ignore) if that is intended",
+                stacklevel=4,
             )
-            if on_mismatch == "error":
-                raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -234,8 +222,6 @@ class SteeringVector:
             >>> SteeringVector.load(p).metadata["method"]
             'mean_diff'
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         header = {
             "format": FORMAT,
@@ -257,8 +243,6 @@ class SteeringVector:
         Raises:
             SteeringVectorFileError: The file is missing, truncated, corrupted, or not a tdsteer file.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise SteeringVectorFileError(f"No steering-vector file at {str(path)!r}")
@@ -295,31 +279,71 @@ class SteeringVector:
         return cls({k: tensors[k] for k in sites}, sites, metadata)
 
     # -- interchange ------------------------------------------------------------------------------
-    def to_lm_eval(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Export to lm-eval's ``steered`` ``.pt`` format; see :func:`tdsteer.formats.save_lm_eval`."""
-        from tdsteer.formats import save_lm_eval
+    def to_lm_eval(
+        self, path: str | os.PathLike[str], *, scale: float = 1.0, action: str = "add", prefix: str = ""
+    ) -> Path:
+        """Export to lm-eval's ``steered`` ``.pt`` format.
 
-        return save_lm_eval(self, path, **kwargs)
+        Args:
+            path: Destination ``.pt`` file.
+            scale: ``steering_coefficient`` (for ``action="clamp"``: the projection value).
+            action: ``"add"`` or ``"clamp"``.
+            prefix: Path of ``model.base_model`` inside the model the sites refer to (lm-eval names
+                hookpoints relative to it: ``"transformer"`` for GPT-2, ``"model"`` for Llama).
+
+        Returns:
+            The path written.
+        """
+        return formats.save_lm_eval(self.directions, self.sites, path, scale=scale, action=action, prefix=prefix)
 
     @classmethod
-    def from_lm_eval(cls, path: str | os.PathLike[str], **kwargs: Any) -> SteeringVector:
-        """Import lm-eval's ``steered`` ``.pt`` format; see :func:`tdsteer.formats.load_lm_eval`."""
-        from tdsteer.formats import load_lm_eval
+    def from_lm_eval(cls, path: str | os.PathLike[str], *, prefix: str = "") -> SteeringVector:
+        """Import lm-eval's ``steered`` ``.pt`` format (read as data: a pickle that would run code is refused).
 
-        return load_lm_eval(path, **kwargs)
+        Args:
+            path: The ``.pt`` file.
+            prefix: Path of ``model.base_model``, prepended to the hookpoints to make site paths.
+
+        Raises:
+            SteeringVectorFileError: Not a readable file, or entries tdsteer cannot represent.
+        """
+        return cls(*formats.load_lm_eval(path, prefix=prefix))
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> SteeringVector:
-        """Import a llama.cpp GGUF control vector; see :func:`tdsteer.formats.load_gguf`."""
-        from tdsteer.formats import load_gguf
+    def from_gguf(cls, path: str | os.PathLike[str], *, path_template: str, layout: str = "NLC") -> SteeringVector:
+        """Import a llama.cpp GGUF control vector; needs ``tdsteer[gguf]``.
 
-        return load_gguf(path, **kwargs)
+        Args:
+            path: The ``.gguf`` file.
+            path_template: Site path of block ``i`` with ``{i}``, e.g. ``"model.layers.{i}"``.
+            layout: Layout of the sites.
 
-    def to_gguf(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Export to a llama.cpp GGUF control vector; see :func:`tdsteer.formats.save_gguf`."""
-        from tdsteer.formats import save_gguf
+        Raises:
+            SteeringVectorFileError: Not a readable GGUF file or no ``direction.N`` tensors.
+        """
+        return cls(*formats.load_gguf(path, path_template=path_template, layout=layout))
 
-        return save_gguf(self, path, **kwargs)
+    def to_gguf(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        layer_of: Mapping[str, int] | Callable[[str], int] | None = None,
+        model_hint: str | None = None,
+    ) -> Path:
+        """Export to a llama.cpp GGUF control vector; needs ``tdsteer[gguf]``.
+
+        llama.cpp adds ``direction.{i}`` to the output of block ``i``: the sites should be block outputs.
+
+        Args:
+            path: Destination ``.gguf`` file.
+            layer_of: Block index of each site; default: the trailing number of the site path.
+            model_hint: ``controlvector.model_hint`` (default: the recorded model type).
+
+        Returns:
+            The path written.
+        """
+        hint = model_hint or self.metadata.get("model_type")
+        return formats.save_gguf(self.directions, path, layer_of=layer_of, model_hint=str(hint) if hint else None)
 
 
 def _json_default(value: Any) -> Any:
@@ -368,4 +392,38 @@ def vector_from_sites(
         {s.key: t for s, t in zip(sites, directions.values(), strict=True)},
         {s.key: s for s in sites},
         dict(metadata or {}),
+    )
+
+
+VectorSource = SteeringVector | str | os.PathLike[str] | Mapping[str, Tensor]
+
+
+def as_vector(vector: VectorSource) -> SteeringVector:
+    """Return ``vector`` as a :class:`SteeringVector`: the one way every package loads a vector.
+
+    Args:
+        vector: A :class:`SteeringVector`, the path of a tdsteer ``.safetensors`` file (``~`` expanded),
+            or a mapping ``{site path: tensor}``.
+
+    Returns:
+        The steering vector (on the CPU when read from a file).
+
+    Raises:
+        SteeringVectorFileError: The file is missing or is not a tdsteer vector file.
+        TypeError: ``vector`` is none of the accepted types.
+
+    Examples:
+        >>> import torch
+        >>> as_vector({"transformer.h.0": torch.ones(4)}).keys()
+        ['transformer.h.0']
+    """
+    if isinstance(vector, SteeringVector):
+        return vector
+    if isinstance(vector, (str, os.PathLike)):
+        return SteeringVector.load(Path(vector).expanduser())
+    if isinstance(vector, Mapping):
+        return vector_from_sites(dict(vector))
+    raise TypeError(
+        f"vector must be a tdsteer.SteeringVector, the path of a tdsteer .safetensors file, or a mapping "
+        f"{{site path: tensor}}; got {type(vector).__name__}"
     )

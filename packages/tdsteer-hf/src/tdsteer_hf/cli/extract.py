@@ -1,0 +1,107 @@
+"""``tdsteer extract``: a steering vector of a Hugging Face model from a file of contrastive pairs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import tdsteer
+from tdsteer.aggregators import METHODS
+from tdsteer.cli import Command, parse_layers, positive_int
+from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
+from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
+from tdsteer_hf.data import contrastive_batches
+from tdsteer_hf.pair_files import read_pairs
+from tdsteer_hf.sites import describe
+
+READS = ("last", "answer", "mean", "all")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--pairs", required=True, help="contrastive data file (.json, .jsonl, .tsv)")
+    parser.add_argument("--layers", default=None, help="layers: 6,7 or -1 or 2:5 or all (default: the middle layer)")
+    parser.add_argument(
+        "--kind",
+        choices=SITE_KINDS,
+        default=DEFAULT_KIND,
+        help="activation read at each layer (default: resid_post, the block's output)",
+    )
+    parser.add_argument(
+        "--method", choices=sorted(METHODS), default="mean_diff", help="aggregation method (default: mean_diff)"
+    )
+    parser.add_argument(
+        "--read",
+        choices=READS,
+        default="last",
+        help=(
+            "token read: last (last token), answer (the answer token of CAA records and prompt/completion "
+            "records), mean (mean over tokens), all (every token, for --method actadd) (default: last)"
+        ),
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="format the texts with the tokenizer's chat template (default: no)",
+    )
+    parser.add_argument("--max-length", type=int, default=None, help="keep at most this many tokens per text")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
+    )
+    parser.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    positive_int("--batch-size", args.batch_size)
+    layers = parse_layers(args.layers)  # before the model: a malformed value fails fast
+    records = read_pairs(args.pairs)
+    with transformers_console():
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    description = describe(model)
+    records_of_kind = description.of_kind(args.kind)
+    chosen = [len(records_of_kind) // 2] if layers is None else layers
+    indices = tdsteer.take_indices(len(records_of_kind), chosen, what="layer")
+    sites = [records_of_kind[i].site for i in indices]
+    with transformers_console():
+        tokenizer = load_tokenizer(args.model)
+    batches = contrastive_batches(
+        tokenizer,
+        records,
+        batch_size=args.batch_size,
+        read="answer" if args.read == "answer" else "last",
+        padding_side="right",
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+    )
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    vector = tdsteer.extract(
+        model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
+    )
+    vector.metadata.update(
+        site_kind=args.kind, layers=indices, chat_template=bool(args.chat_template), data_file=str(args.pairs)
+    )
+    output = vector.save(Path(args.output).expanduser())
+    keys = ", ".join(vector.keys())
+    print(
+        f"Extracted vector: method {args.method}, read {args.read}, {batches.count} examples, "
+        f"{len(vector)} site{'s' if len(vector) != 1 else ''} [{keys}] -> {output}"
+    )
+    return 0
+
+
+COMMAND = Command(
+    name="extract",
+    help="compute a steering vector of a text model from contrastive pairs and save it",
+    description=(
+        "Compute a steering vector from contrastive pairs. --pairs takes a CAA JSON/JSONL file (records with "
+        "question, answer_matching_behavior, answer_not_matching_behavior), a JSON/JSONL file of "
+        '{"positive", "negative"} or {"prompt", "positive", "negative"} records, or a tab-separated file '
+        "with two (positive, negative) or three (prompt, positive, negative) columns."
+    ),
+    add_arguments=_add_arguments,
+    run=_run,
+    signed_options=("--layers",),
+)

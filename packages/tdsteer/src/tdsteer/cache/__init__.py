@@ -1,0 +1,22 @@
+"""``ActivationCache``: what sites read over a whole dataset, recorded once, in memory or on disk.
+
+A cache holds one row per example and site: the reading at the chosen read position (the same
+readers as extraction), stored as float32, bfloat16 or float16. A contrastive batch of ``B`` pairs
+adds ``2B`` rows, the positive then the negative of each pair (labels 1 and 0, the same ``pair``
+id); a labelled batch (``{"inputs": ..., "labels": [B]}``) adds ``B`` rows with class labels.
+
+On disk the rows live in chunk folders of raw column files, preallocated when the number of
+examples is known and grown a chunk at a time when not; ``progress.json`` is replaced atomically
+after every checkpoint, so a killed recording resumes where it stopped and a write is never
+half-visible. Fitting (``to_vector``) streams over the rows with the same aggregators as
+extraction, accumulating in float64.
+
+Modules: :mod:`~tdsteer.cache.storage` (chunks, columns, files, disk space),
+:mod:`~tdsteer.cache.recording` (running a model and appending its readings) and
+:mod:`~tdsteer.cache.reading` (the :class:`ActivationCache` read API and fitting).
+"""
+
+from tdsteer.cache.reading import ActivationCache, auroc
+from tdsteer.cache.storage import DTYPES, FORMAT, FORMAT_VERSION, ROW_FIELDS, ActivationCacheError
+
+__all__ = ["DTYPES", "FORMAT", "FORMAT_VERSION", "ROW_FIELDS", "ActivationCache", "ActivationCacheError", "auroc"]

@@ -1,0 +1,277 @@
+"""Recording: run a model over a dataset once and append what its sites read to a cache.
+
+A contrastive batch of ``B`` pairs adds ``2B`` rows, the positive then the negative of each pair
+(labels 1 and 0, the same ``pair`` id); a labelled batch (``{"inputs": ..., "labels": [B]}``) adds
+``B`` rows with class labels. A recording to a folder that already holds a cache resumes it: the
+batches it holds are hashed and skipped, and must be the ones it was recorded from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tdsteer._version import __version__
+from tdsteer.batches import batch_size, digest, to_device
+from tdsteer.cache.storage import DTYPES, FORMAT, FORMAT_VERSION, ActivationCacheError, CacheStore, read_header
+from tdsteer.extraction import SiteRecorder, model_device
+from tdsteer.keys import BatchKeys
+from tdsteer.model_facts import model_name_of, model_type_of
+from tdsteer.reading import Reader, ReadLike, TokenReading, describe_read
+from tdsteer.sites import Site, SiteLike, as_sites
+
+RESUME_FIELDS = ("model_type", "model_name", "sites", "read", "dtype", "data_fingerprint")
+
+
+class ForwardCall(NamedTuple):
+    """One forward pass of a cache batch: its positives, its negatives, or its labelled inputs."""
+
+    inputs: Any
+    read_index: Tensor | None  # read position per example (the batch's ``keys.*_index`` entry), if any
+    labels: Tensor  # int64 [B]: 1 positive, 0 negative, or class ids
+
+
+class CacheBatch(NamedTuple):
+    """The forward calls of one batch (two for a contrastive batch, one for a labelled one) and its size."""
+
+    calls: list[ForwardCall]
+    size: int
+
+    @property
+    def contrastive(self) -> bool:
+        return len(self.calls) == 2
+
+
+class CallReading(NamedTuple):
+    """What one forward call read: a ``[B, hidden]`` tensor per site key, and real tokens per example."""
+
+    sites: dict[str, Tensor]
+    lengths: Tensor | None  # None: the inputs had no attention mask
+
+
+def record_cache(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    sites: SiteLike | Sequence[SiteLike],
+    *,
+    path: Path | None,
+    read: ReadLike | Reader,
+    dtype: torch.dtype | str,
+    num_examples: int | None,
+    chunk_rows: int,
+    checkpoint_every: float,
+    keys: BatchKeys,
+    label_key: str,
+    inputs_key: str,
+    model_name: str | None,
+    progress: bool,
+    device: torch.device | str | None,
+) -> CacheStore:
+    """The work of :meth:`tdsteer.cache.ActivationCache.record`, whose docstring gives the arguments."""
+    site_list = as_sites(sites)
+    if isinstance(read, str) and read == "all":
+        raise ValueError("An activation cache keeps one row per example: use a read such as 'last' or 'mean'")
+    if num_examples is None:
+        count = getattr(batches, "count", None)
+        num_examples = count if isinstance(count, int) else None
+    header: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name or model_name_of(model),
+        "model_type": model_type_of(model),
+        "sites": [s.to_dict() for s in site_list],
+        "hidden_sizes": None,
+        "read": describe_read(read),
+        "dtype": dtype_name(dtype),
+        "data_fingerprint": getattr(batches, "fingerprint", None),
+        "tdsteer_version": __version__,
+    }
+    recording = Recording(existing_cache(header, path), header, path, num_examples, chunk_rows, checkpoint_every)
+    return recording.run(model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
+
+
+class Recording:
+    """One run of a recording: skips what a resumed cache holds, creates the cache at the first batch
+    (when the hidden sizes are known), appends, and saves progress every ``checkpoint_every`` seconds."""
+
+    def __init__(
+        self,
+        store: CacheStore | None,
+        header: dict[str, Any],
+        path: Path | None,
+        num_examples: int | None,
+        chunk_rows: int,
+        checkpoint_every: float,
+    ) -> None:
+        self.store = store
+        self.header = header
+        self.path = path
+        self.num_examples = num_examples
+        self.chunk_rows = chunk_rows
+        self.checkpoint_every = checkpoint_every
+
+    def run(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, Any]],
+        sites: list[Site],
+        read: ReadLike | Reader,
+        keys: BatchKeys,
+        label_key: str,
+        inputs_key: str,
+        progress: bool,
+        device: torch.device | str | None,
+    ) -> CacheStore:
+        """Record ``batches`` and return the finished store."""
+        target = torch.device(device) if device is not None else model_device(model)
+        recorder = SiteRecorder(sites, read, stop_early=True)
+        hasher = hashlib.sha256()
+        seen = 0
+        resumed = self.store.progress.examples if self.store is not None else 0
+        bar = tqdm(total=self.num_examples, initial=resumed, desc="record", unit="example", disable=not progress)
+        last_checkpoint = time.monotonic()
+        with torch.no_grad(), recorder.prepare(model), bar:
+            for batch in batches:
+                split = split_batch(batch, keys, label_key, inputs_key)
+                digest(hasher, batch)
+                if seen < resumed:
+                    seen += split.size
+                    if (
+                        seen == resumed
+                        and self.store is not None
+                        and hasher.hexdigest() != self.store.progress.data_hash
+                    ):
+                        raise ActivationCacheError(
+                            f"The data differs from what the cache at {str(self.path)!r} recorded so far; "
+                            "resume with the same data in the same order, or record to another path"
+                        )
+                    continue
+                readings = [read_call(recorder, model, call, target) for call in split.calls]
+                store = self._store_for(readings[0], sites)
+                values = row_values(split, readings, sites, seen, DTYPES[store.header["dtype"]])
+                planned = self.num_examples * len(split.calls) if self.num_examples else None
+                seen += split.size
+                store.append(
+                    values,
+                    examples=seen,
+                    data_hash=hasher.hexdigest(),
+                    planned_rows=planned,
+                    chunk_rows=self.chunk_rows,
+                )
+                if time.monotonic() - last_checkpoint >= self.checkpoint_every:
+                    store.checkpoint()
+                    last_checkpoint = time.monotonic()
+                bar.update(split.size)
+        if seen < resumed:
+            raise ActivationCacheError(
+                f"The cache at {str(self.path)!r} already holds {resumed} examples but the data has only {seen}"
+            )
+        if self.store is None or self.store.rows == 0:
+            raise ValueError("No batches to record: the data is empty")
+        self.store.finish()
+        return self.store
+
+    def _store_for(self, reading: CallReading, sites: list[Site]) -> CacheStore:
+        widths = {s.key: int(reading.sites[s.key].shape[-1]) for s in sites}
+        if self.store is None:
+            self.header["hidden_sizes"] = widths
+            self.store = CacheStore.create(self.header, self.path)
+        elif self.store.header["hidden_sizes"] != widths:
+            raise ActivationCacheError(
+                f"The cache at {str(self.path)!r} holds hidden sizes {self.store.header['hidden_sizes']}, "
+                f"but the model now reads {widths}: another model; record to another path"
+            )
+        return self.store
+
+
+def existing_cache(header: dict[str, Any], path: Path | None) -> CacheStore | None:
+    """The cache already at ``path``, checked to be recorded with ``header``'s settings, or ``None``."""
+    if path is None:
+        return None
+    if (path / "cache.json").is_file():
+        existing = read_header(path)
+        for field in RESUME_FIELDS:
+            if existing.get(field) != header.get(field):
+                raise ActivationCacheError(
+                    f"A cache at {str(path)!r} was recorded with {field}={existing.get(field)!r}, not "
+                    f"{header.get(field)!r}; use another path, or delete it to record anew"
+                )
+        return CacheStore.open(path, existing)
+    if path.exists() and any(path.iterdir()):
+        raise ActivationCacheError(f"{str(path)!r} exists and is not an activation cache; choose an empty folder")
+    return None
+
+
+def split_batch(batch: Mapping[str, Any], keys: BatchKeys, label_key: str, inputs_key: str) -> CacheBatch:
+    """The forward calls of one contrastive or labelled batch."""
+    if keys.positive in batch and keys.negative in batch:
+        pos, neg = batch[keys.positive], batch[keys.negative]
+        size = batch_size(pos)
+        if batch_size(neg) != size:
+            raise ValueError("A contrastive batch needs as many negatives as positives to keep pairs in a cache")
+        pos_index = batch.get(keys.positive_index) if hasattr(batch, "get") else None
+        neg_index = batch.get(keys.negative_index) if hasattr(batch, "get") else None
+        ones = torch.ones(size, dtype=torch.int64)
+        return CacheBatch([ForwardCall(pos, pos_index, ones), ForwardCall(neg, neg_index, ones * 0)], size)
+    if inputs_key in batch and label_key in batch:
+        labels = torch.as_tensor(batch[label_key]).to(torch.int64).cpu()
+        return CacheBatch([ForwardCall(batch[inputs_key], None, labels)], int(labels.shape[0]))
+    raise KeyError(
+        f"A cache batch needs {keys.positive!r} and {keys.negative!r} entries, or {inputs_key!r} and "
+        f"{label_key!r}; got {sorted(map(str, batch.keys()))}"
+    )
+
+
+def read_call(recorder: SiteRecorder, model: nn.Module, call: ForwardCall, target: torch.device | None) -> CallReading:
+    """Run one forward call and check that every site read one finite row per example."""
+    inputs = call.inputs
+    mask = inputs.get("attention_mask") if isinstance(inputs, (Mapping, TensorDictBase)) else None
+    if mask is not None and bool((mask.sum(-1) == 0).any()):
+        raise ValueError("A batch has rows that are all padding: every example needs a real token")
+    readings = recorder.run(model, to_device(inputs, target), mask, call.read_index)
+    rows: dict[str, Tensor] = {}
+    for key, reading in readings.items():
+        if isinstance(reading, TokenReading):
+            raise ValueError(f"Site {key!r}: a cache keeps one row per example; use read='last' or 'mean'")
+        if not bool(torch.isfinite(reading).all()):
+            raise ValueError(f"Site {key!r}: the activations contain NaN or infinite values")
+        rows[key] = reading
+    return CallReading(rows, mask.sum(-1) if mask is not None else None)
+
+
+def row_values(
+    batch: CacheBatch, readings: list[CallReading], sites: list[Site], first_example: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The cache rows of one batch, column by column: positives and negatives interleaved by pair."""
+    size, calls = batch.size, len(batch.calls)
+
+    def interleave(parts: list[Tensor]) -> Tensor:
+        return torch.stack(parts, 1).reshape(size * calls, *parts[0].shape[1:])
+
+    values: dict[str, Tensor] = {}
+    for site in sites:
+        values[site.key] = interleave([r.sites[site.key].detach().to("cpu", dtype) for r in readings])
+    example = torch.arange(first_example, first_example + size)
+    no_lengths = torch.zeros(size, dtype=torch.int64)
+    values["label"] = interleave([call.labels for call in batch.calls])
+    values["pair"] = example.repeat_interleave(2) if batch.contrastive else torch.full((size,), -1)
+    values["index"] = example.repeat_interleave(calls)
+    lengths = [r.lengths.cpu().to(torch.int64) if r.lengths is not None else no_lengths for r in readings]
+    values["length"] = interleave(lengths)
+    return values
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The name under which ``dtype`` is stored (``"float32"``, ``"bfloat16"`` or ``"float16"``)."""
+    for name, value in DTYPES.items():
+        if dtype in (name, value):
+            return name
+    raise ValueError(f"Cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -1,0 +1,177 @@
+"""Argument types and console output shared by every ``tdsteer`` subcommand, whichever package adds it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import torch
+
+from tdsteer.checks import CHECKS
+from tdsteer.indices import IndexItem, parse_indices
+from tdsteer.positions import PositionsLike, as_policy
+
+PROG = "tdsteer"
+
+_SIGNED_VALUE = re.compile(r"^-[\d.:]")
+_NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status 2 (``--debug`` shows the traceback)."""
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line (runs of white space, newlines included, become one space)."""
+    return " ".join(str(text).split())
+
+
+def quote(text: str) -> str:
+    """``text`` as a JSON string literal, so that spaces and newlines show."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def warn(message: str, file: TextIO | None = None) -> None:
+    """Print a one-line warning on stderr as ``tdsteer: warning: ...``."""
+    print(f"{PROG}: warning: {one_line(message)}", file=file or sys.stderr)
+
+
+def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
+    """Scales from ``option`` values, each one number or several separated by commas.
+
+    Raises:
+        CLIError: A value is not a finite number, or there is none.
+
+    Examples:
+        >>> parse_scales(["-4,0,4"]), parse_scales(["2", "-2"])
+        ([-4.0, 0.0, 4.0], [2.0, -2.0])
+    """
+    scales: list[float] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                number = float(part)
+            except ValueError:
+                raise CLIError(f"{option} {part!r} is not a number; use e.g. {option} 4 or {option} -4,0,4") from None
+            if not math.isfinite(number):
+                raise CLIError(f"{option} {part!r} is not finite")
+            scales.append(number)
+    if not scales:
+        raise CLIError(f"{option} needs at least one number, e.g. {option} 4 or {option} -4,0,4")
+    return scales
+
+
+def parse_positions(value: str, option: str = "--positions") -> PositionsLike:
+    """A position policy: ``all``, ``prompt``, ``generated``, ``K`` or ``from:K`` (:func:`tdsteer.steer`).
+
+    Raises:
+        CLIError: Not a policy.
+
+    Examples:
+        >>> parse_positions("3"), parse_positions("generated")
+        (3, 'generated')
+    """
+    policy: PositionsLike = int(value) if value.strip().isdigit() else value.strip()
+    try:
+        as_policy(policy)
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"{option} {value!r}: {error}") from None
+    return policy
+
+
+def parse_layers(value: str | None, option: str = "--layers") -> list[IndexItem] | None:
+    """A layer selection for :func:`tdsteer.take_indices`: ``6,7``, ``-1``, ``2:5``, ``-2:`` or ``all``.
+
+    ``None`` (the option not given) stays ``None``, so the command can pick its default; ``all`` is
+    ``[slice(None)]``.
+
+    Raises:
+        CLIError: Malformed.
+
+    Examples:
+        >>> parse_layers("0,-2:")
+        [0, slice(-2, None, None)]
+    """
+    if value is None:
+        return None
+    try:
+        parsed = parse_indices(value)
+    except ValueError as error:
+        raise CLIError(f"{option}: {error}") from None
+    return [slice(None)] if parsed is None else parsed
+
+
+def parse_device(requested: str | None, option: str = "--device") -> torch.device:
+    """A device: ``cpu``, ``cuda``, ``cuda:N``...; ``None`` picks CUDA when available.
+
+    Raises:
+        CLIError: Not a device, or CUDA asked for without a GPU.
+
+    Examples:
+        >>> parse_device("cpu")
+        device(type='cpu')
+    """
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"{option} {requested!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"{option} {requested}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    return device
+
+
+def add_check_option(parser: argparse.ArgumentParser) -> None:
+    """``--check warn|error|ignore``: what to do when a vector was made for another model type."""
+    parser.add_argument(
+        "--check",
+        choices=CHECKS,
+        default="warn",
+        help="when the vector was made for another model type: warn, error or ignore (default: warn)",
+    )
+
+
+def positive_int(option: str, value: int) -> int:
+    """``value`` when it is at least 1.
+
+    Raises:
+        CLIError: It is not.
+    """
+    if value < 1:
+        raise CLIError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def join_signed_values(argv: list[str], options: Sequence[str]) -> list[str]:
+    """``--scale -4,0,4`` -> ``--scale=-4,0,4`` for ``options``: argparse would take ``-4,0,4`` for an option.
+
+    Examples:
+        >>> join_signed_values(["--scale", "-4,0,4", "--prompt", "hi"], ["--scale"])
+        ['--scale=-4,0,4', '--prompt', 'hi']
+    """
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if (
+            token in options
+            and following is not None
+            and _SIGNED_VALUE.match(following)
+            and not _NUMBER.match(following)  # argparse reads a lone negative number as a value itself
+        ):
+            out.append(f"{token}={following}")
+            index += 2
+            continue
+        out.append(token)
+        index += 1
+    return out

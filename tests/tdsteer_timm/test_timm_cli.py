@@ -1,0 +1,145 @@
+"""The command line that tdsteer-timm adds: ``tdsteer extract-images`` and ``tdsteer info --model`` for timm names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+from safetensors.torch import save_file
+
+import tdsteer
+import tdsteer_timm
+from tdsteer.cli import NO, SURE, main
+from tdsteer_timm.cli.source import SOURCE
+
+TINY = "resnet10t"  # 5M parameters; at 32 pixels a forward takes milliseconds on a CPU
+
+
+def _folder(path: Path, count: int, brightness: float, seed: int) -> Path:
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        pixels = (rng.random((40, 40, 3)) * 255 * brightness).astype("uint8")
+        Image.fromarray(pixels).save(path / f"{index}.png")
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    return _folder(tmp_path / "positive", 3, 1.0, 0), _folder(tmp_path / "negative", 3, 0.3, 1)
+
+
+def _extract(folders: tuple[Path, Path], output: Path, *extra: str, model: str = TINY) -> int:
+    positive, negative = folders
+    return main(
+        ["extract-images", "--model", model, "--positive", str(positive), "--negative", str(negative)]
+        + ["--image-size", "32", "--device", "cpu", "--no-progress", *extra, "-o", str(output)]
+    )
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tdsteer: error:") and "\n" not in err and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_extract_images_end_to_end(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    output = tmp_path / "vec.safetensors"
+    assert _extract(folders, output) == 0
+    assert "Extracted vector: method mean_diff, read spatial_mean" in capsys.readouterr().out
+    vector = tdsteer.SteeringVector.load(output)
+    description = tdsteer_timm.describe(timm.create_model(TINY, pretrained=False))
+    last = description.of_kind("block")[-1]
+    assert vector.keys() == [last.site.key]  # default: the last block
+    assert vector[last.site.key].shape == (last.num_chs,) and vector[last.site.key].norm() > 0
+    assert vector.sites[last.site.key].layout == "NCHW"
+    assert vector.metadata["read"] == "spatial_mean" and vector.metadata["site_kind"] == "block"
+    assert vector.metadata["layers"] == [description.num_layers() - 1]
+    assert vector.metadata["positive_images"] == 3 and vector.metadata["image_size"] == [32, 32]
+
+
+def test_extract_images_stages_with_a_checkpoint(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = timm.create_model(TINY, pretrained=False, num_classes=3)  # a fine-tuned head: resized on load
+    checkpoint = tmp_path / "weights.safetensors"
+    save_file(model.state_dict(), str(checkpoint))
+    output = tmp_path / "vec.safetensors"
+    code = _extract(folders, output, "--kind", "stage", "--layers", "-2:", "--checkpoint", str(checkpoint))
+    assert code == 0, capsys.readouterr().err
+    vector = tdsteer.SteeringVector.load(output)
+    stages = tdsteer_timm.describe(model).of_kind("stage")
+    assert vector.keys() == [stages[-2].site.key, stages[-1].site.key]
+    assert [vector[s.site.key].shape[0] for s in stages[-2:]] == [s.num_chs for s in stages[-2:]]
+    assert vector.metadata["layers"] == [len(stages) - 2, len(stages) - 1]
+
+
+def test_extract_images_vit_reads_the_class_token(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "vec.safetensors"
+    assert _extract(folders, output, "--layers", "0", model="vit_tiny_patch16_224") == 0
+    vector = tdsteer.SteeringVector.load(output)
+    assert vector.metadata["read"] == "cls" and vector.keys() == ["blocks.0"]
+    assert vector["blocks.0"].shape == (192,) and vector.sites["blocks.0"].prefix_tokens == 1
+
+
+def test_unequal_folders_pair_only_when_the_method_needs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folders = _folder(tmp_path / "p", 3, 1.0, 0), _folder(tmp_path / "n", 2, 0.3, 1)
+    assert _extract(folders, tmp_path / "v.safetensors", "--batch-size", "2") == 0
+    assert "3 positive and 2 negative images" in capsys.readouterr().out
+    assert _extract(folders, tmp_path / "v.safetensors", "--method", "pca_diff") == 2
+    _one_line_error(capsys, "pairs images", "--positive has 3 and --negative 2")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"--positive": "empty"}, ["--positive", "no images"]),
+        ({"--negative": "missing"}, ["--negative", "no such folder"]),
+        ({"--model": "no_such_model_x"}, ["unknown timm model 'no_such_model_x'", "timm.list_models()"]),
+        ({"--layers": "9"}, ["block index 9 is out of range"]),
+        ({"--read": "cls"}, ["--read cls", "feature map"]),
+        ({"--batch-size": "0"}, ["--batch-size must be at least 1"]),
+        ({"--checkpoint": "missing.pth"}, ["--checkpoint", "no such file"]),
+    ],
+    ids=["empty-folder", "missing-folder", "unknown-model", "layer-range", "cls-on-cnn", "batch-size", "checkpoint"],
+)
+def test_bad_input_exits_2_with_one_line(
+    folders: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    words: list[str],
+) -> None:
+    (tmp_path / "empty").mkdir()
+    values = {"--model": TINY, "--positive": str(folders[0]), "--negative": str(folders[1])}
+    for option, value in change.items():
+        values[option] = value if option in ("--model", "--layers", "--read", "--batch-size") else str(tmp_path / value)
+    argv = ["extract-images"] + [part for option, value in values.items() for part in (option, value)]
+    output = tmp_path / "vec.safetensors"
+    assert main([*argv, "--image-size", "32", "--no-progress", "-o", str(output)]) == 2
+    _one_line_error(capsys, *words)
+    assert not output.exists()
+
+
+def test_info_opens_timm_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert SOURCE.name == "timm"
+    assert SOURCE.recognizes("resnet18") == SURE and SOURCE.recognizes("timm/resnet18.a1_in1k") == SURE
+    assert SOURCE.recognizes("gpt2") == NO and SOURCE.recognizes("./some/dir") == NO
+    assert main(["info", "--model", "resnet18", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["model"]
+    assert summary["adapter"] == "tdsteer_timm" and summary["model_class"] == "ResNet"
+    assert summary["architecture"] == "resnet" and summary["source"] == "registry" and not summary["guessed"]
+    assert summary["hidden_size"] == 512 and summary["weights_read"] is False
+    assert summary["parameters"] == sum(p.numel() for p in timm.create_model("resnet18").parameters())
+    assert summary["kinds"]["block"] == {"count": 8, "first": "layer1.0", "last": "layer4.1"}
+    assert summary["kinds"]["stage"] == {"count": 4, "first": "layer1", "last": "layer4"}
+
+
+def test_extract_images_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "extract-images" in capsys.readouterr().out
