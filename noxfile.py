@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import xml.etree.ElementTree as ElementTree
@@ -301,6 +302,7 @@ def run_build(session: nox.Session, venv: Path) -> None:
         external=True,
         env=env,
     )
+    check_core_command(session, BUILD_CHECK_VENV)
     session.run(*pip, *[str(w) for w in wheels.values()], external=True, env=env)
     names = [p.import_name for p in PACKAGES]
     dists = [p.name for p in PACKAGES]
@@ -320,6 +322,37 @@ def run_build(session: nox.Session, venv: Path) -> None:
             raise nox.command.CommandFailed(f"the wheels did not install the {script} console script")
     session.log(f"The {len(PACKAGES)} wheels install and import in a fresh venv")
     shutil.rmtree(BUILD_CHECK_VENV, ignore_errors=True)
+
+
+def check_core_command(session: nox.Session, venv: Path) -> None:
+    """With only the core installed, `tdsteer info --vector` works and `tdsteer extract` names its distribution."""
+    python = str(venv / "bin" / "python")
+    env = venv_env(venv)
+    folder = Path(tempfile.mkdtemp(prefix="tdsteer-core-only-"))
+    try:
+        vector = folder / "v.safetensors"
+        session.run(
+            python,
+            "-c",
+            f"import torch, tdsteer; tdsteer.SteeringVector({{'h.0': torch.ones(4)}}).save({str(vector)!r})",
+            external=True,
+            env=env,
+        )
+        session.run(str(venv / "bin" / "tdsteer"), "info", "--vector", str(vector), external=True, env=env)
+        done = subprocess.run(
+            [str(venv / "bin" / "tdsteer"), "extract", "--help"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        )
+        expected = "'tdsteer extract' comes with tdsteer-hf, which is not installed: pip install tdsteer-hf"
+        if done.returncode != 2 or expected not in done.stderr:
+            raise nox.command.CommandFailed(
+                f"core-only `tdsteer extract` should exit 2 naming tdsteer-hf; got {done.returncode}: {done.stderr!r}"
+            )
+        session.log("Core alone: `tdsteer info --vector` works; `tdsteer extract` says to install tdsteer-hf")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wheel_stem(name: str) -> str:

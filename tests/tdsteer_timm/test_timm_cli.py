@@ -101,7 +101,7 @@ def test_unequal_folders_pair_only_when_the_method_needs_it(tmp_path: Path, caps
         ({"--positive": "empty"}, ["--positive", "no images"]),
         ({"--negative": "missing"}, ["--negative", "no such folder"]),
         ({"--model": "no_such_model_x"}, ["unknown timm model 'no_such_model_x'", "timm.list_models()"]),
-        ({"--layers": "9"}, ["block index 9 is out of range"]),
+        ({"--layers": "9"}, ["layer index 9 is out of range", "4 layers"]),
         ({"--read": "cls"}, ["--read cls", "feature map"]),
         ({"--batch-size": "0"}, ["--batch-size must be at least 1"]),
         ({"--checkpoint": "missing.pth"}, ["--checkpoint", "no such file"]),

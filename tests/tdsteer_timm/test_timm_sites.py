@@ -153,7 +153,7 @@ def test_index_rule_matches_take_indices() -> None:
 
 @pytest.mark.parametrize(("layers", "kind"), [(8, "block"), (-9, "block"), (4, "stage"), ([0, 5], "stage")])
 def test_index_out_of_range(layers: Any, kind: str) -> None:
-    with pytest.raises(IndexError, match=f"{kind} index .* out of range"):
+    with pytest.raises(IndexError, match="layer index .* out of range"):
         tdsteer_timm.sites(_model("resnet18", {}), layers, kind=kind)
 
 

@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+import lm_eval
 from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
 
 
 class SweepRecord(TypedDict):
@@ -115,9 +117,6 @@ def sweep(
         >>> lm = SteeredLM(pretrained="gpt2", vector="vec.safetensors", device="cpu")  # doctest: +SKIP
         >>> rows = sweep(lm, "tdsteer_demo_mc", [-4, 0, 4], include_path=folder)  # doctest: +SKIP
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
     task_names = [t for t in task_names if t]
     if not task_names:

@@ -14,6 +14,7 @@ from tdhook.modules import HookedModule
 from tdhook.runtime import BoundHookProgram, HookProgramBuilder, HookSpec
 from torch import Tensor, nn
 
+from tdsteer.checks import Check
 from tdsteer.operators import Add, Custom, Operator, Scale, as_operator
 from tdsteer.positions import PositionPolicy, PositionsLike, PositionTracker, Span, as_policy, wrap_generate
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
@@ -295,7 +296,7 @@ def steer(
     operator: str | Operator | Callable[..., Tensor] = "add",
     positions: PositionsLike | PositionPolicy = "all",
     sites: Sequence[SiteLike] | None = None,
-    check: str = "warn",
+    check: Check = "warn",
 ) -> Iterator[nn.Module]:
     """Steer ``model`` with ``vector`` while the ``with`` block runs.
 

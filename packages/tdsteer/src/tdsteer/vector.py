@@ -384,7 +384,7 @@ def make_metadata(
 
 
 def vector_from_sites(
-    directions: Mapping[SiteLike, Tensor], metadata: Mapping[str, Any] | None = None
+    directions: Mapping[SiteLike, Tensor] | Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None
 ) -> SteeringVector:
     """Build a vector from ``{Site or path: tensor}``."""
     sites = as_sites(list(directions))
@@ -422,7 +422,7 @@ def as_vector(vector: VectorSource) -> SteeringVector:
     if isinstance(vector, (str, os.PathLike)):
         return SteeringVector.load(Path(vector).expanduser())
     if isinstance(vector, Mapping):
-        return vector_from_sites(dict(vector))
+        return vector_from_sites({key: value for key, value in vector.items()})
     raise TypeError(
         f"vector must be a tdsteer.SteeringVector, the path of a tdsteer .safetensors file, or a mapping "
         f"{{site path: tensor}}; got {type(vector).__name__}"

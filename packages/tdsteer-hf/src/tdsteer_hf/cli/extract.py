@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import tdsteer
 from tdsteer.aggregators import METHODS
-from tdsteer.cli import Command, parse_layers, positive_int
+from tdsteer.cli import Command, parse_layers, positive_int, save_extracted
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.data import contrastive_batches
@@ -80,14 +79,15 @@ def _run(args: argparse.Namespace) -> int:
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
     )
-    vector.metadata.update(
-        site_kind=args.kind, layers=indices, chat_template=bool(args.chat_template), data_file=str(args.pairs)
-    )
-    output = vector.save(Path(args.output).expanduser())
-    keys = ", ".join(vector.keys())
-    print(
-        f"Extracted vector: method {args.method}, read {args.read}, {batches.count} examples, "
-        f"{len(vector)} site{'s' if len(vector) != 1 else ''} [{keys}] -> {output}"
+    save_extracted(
+        vector,
+        args.output,
+        read=args.read,
+        data=f"{batches.count} examples",
+        site_kind=args.kind,
+        layers=indices,
+        chat_template=bool(args.chat_template),
+        data_file=str(args.pairs),
     )
     return 0
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from timm.data import create_transform, resolve_data_config
 
 import tdsteer
-from tdsteer.cli import CLIError, Command, parse_device, parse_layers, positive_int
+from tdsteer.cli import CLIError, Command, parse_device, parse_layers, positive_int, save_extracted
 from tdsteer.indices import take_indices
 from tdsteer_timm.arch import DEFAULT_KIND, SITE_KINDS
 from tdsteer_timm.cli.images import folder_batches, image_files
@@ -120,7 +119,11 @@ def _run(args: argparse.Namespace) -> int:
         )
     except AssertionError as error:  # timm checks the input size with assert
         raise CLIError(f"{args.model} refused the images: {error}; check --image-size") from None
-    vector.metadata.update(
+    save_extracted(
+        vector,
+        args.output,
+        read=read,
+        data=f"{len(positive)} positive and {len(negative)} negative images",
         site_kind=args.kind,
         layers=indices,
         image_size=list(config["input_size"][1:]),
@@ -129,12 +132,6 @@ def _run(args: argparse.Namespace) -> int:
         positive_dir=str(args.positive),
         negative_dir=str(args.negative),
         checkpoint=None if args.checkpoint is None else str(args.checkpoint),
-    )
-    output = vector.save(Path(args.output).expanduser())
-    keys = ", ".join(vector.keys())
-    print(
-        f"Extracted vector: method {args.method}, read {read}, {len(positive)} positive and {len(negative)} "
-        f"negative images, {len(vector)} site{'s' if len(vector) != 1 else ''} [{keys}] -> {output}"
     )
     return 0
 

@@ -20,6 +20,7 @@ from tdsteer.cli.arguments import (
     parse_scales,
     positive_int,
     quote,
+    save_extracted,
     warn,
 )
 from tdsteer.cli.command import Command
@@ -48,5 +49,6 @@ __all__ = [
     "parse_scales",
     "positive_int",
     "quote",
+    "save_extracted",
     "warn",
 ]

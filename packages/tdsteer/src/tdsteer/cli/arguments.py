@@ -8,13 +8,15 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 
 from tdsteer.checks import CHECKS
 from tdsteer.indices import IndexItem, parse_indices
 from tdsteer.positions import PositionsLike, as_policy
+from tdsteer.vector import SteeringVector
 
 PROG = "tdsteer"
 
@@ -175,3 +177,23 @@ def join_signed_values(argv: list[str], options: Sequence[str]) -> list[str]:
         out.append(token)
         index += 1
     return out
+
+
+def save_extracted(vector: SteeringVector, output: str, *, read: object, data: str, **metadata: Any) -> Path:
+    """Record ``metadata`` in ``vector``, save it to ``output`` and print the one-line summary of an extraction.
+
+    Args:
+        vector: The extracted vector.
+        output: The ``-o`` value (``~`` expanded).
+        read: The read used, for the summary.
+        data: What it was extracted from, for the summary (``"8 examples"``).
+        **metadata: Entries added to the vector's metadata (``site_kind``, ``layers``...).
+
+    Returns:
+        The path written.
+    """
+    vector.metadata.update(metadata)
+    path = vector.save(Path(output).expanduser())
+    sites = f"{len(vector)} site{'s' if len(vector) != 1 else ''} [{', '.join(vector.keys())}]"
+    print(f"Extracted vector: method {vector.metadata.get('method')}, read {read}, {data}, {sites} -> {path}")
+    return path

@@ -110,7 +110,7 @@ def dispatch(argv: Sequence[str], commands: dict[str, Command] | None = None) ->
     if name is not None and name not in commands and name in PROVIDED_BY:
         raise _not_installed(name)
     command = commands.get(name) if name is not None else None
-    if command is not None and command.run_argv is not None:
+    if name is not None and command is not None and command.run_argv is not None:
         return command.run_argv(arguments[arguments.index(name) + 1 :])
     if command is not None and command.signed_options:
         arguments = join_signed_values(arguments, command.signed_options)

@@ -1,0 +1,88 @@
+"""One ``tdsteer`` program: subcommands come from the installed distributions through entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import tdsteer
+from tdsteer.cli import command, main, program
+from tdsteer.cli.info import COMMAND as INFO
+from tdsteer_eval.cli import main as eval_main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_help_lists_the_commands_of_every_distribution(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _run(capsys, "--help")
+    assert status == 0
+    for name, distribution in command.PROVIDED_BY.items():
+        assert name in out and f"[{distribution}]" in out, name
+    assert "info" in out and "More commands come with" not in out
+
+
+def test_version_names_all_four(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _run(capsys, "--version")
+    assert status == 0
+    for distribution in command.DISTRIBUTIONS:
+        assert f"{distribution} {metadata.version(distribution)}" in out
+
+
+def test_each_distribution_registers_its_own_commands() -> None:
+    entries = metadata.entry_points(group=command.GROUP)
+    registered = {entry.name: entry.dist.name for entry in entries if entry.dist is not None}
+    assert registered == command.PROVIDED_BY
+    sources = {entry.name for entry in metadata.entry_points(group="tdsteer.model_sources")}
+    assert sources == {"hf", "timm"}
+
+
+def test_core_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no adapter installed, info --vector works and the adapters' commands say what to install."""
+    monkeypatch.setattr(program, "installed_commands", lambda: {INFO.name: INFO})
+    monkeypatch.setattr("tdsteer.cli.sources.installed_sources", lambda: [])
+    path = tdsteer.SteeringVector({"blocks.1": torch.ones(4)}, metadata={"method": "mean_diff"}).save(tmp_path / "v.st")
+    status, out, err = _run(capsys, "info", "--vector", str(path))
+    assert status == 0, err
+    assert "blocks.1: shape (4,) float32, norm 2" in out and "method: mean_diff" in out
+    for name, distribution in command.PROVIDED_BY.items():
+        status, _, err = _run(capsys, name, "--help")
+        assert status == 2
+        assert err.strip() == (
+            f"tdsteer: error: 'tdsteer {name}' comes with {distribution}, which is not installed: "
+            f"pip install {distribution}"
+        )
+    status, _, err = _run(capsys, "info", "--model", "gpt2")
+    assert status == 2 and "pip install tdsteer-hf" in err and "tdsteer-timm" in err
+    status, out, _ = _run(capsys, "--help")
+    assert "More commands come with tdsteer-eval, tdsteer-hf, tdsteer-timm" in out.replace("\n", " ")
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "missing.safetensors")
+    status, _, err = _run(capsys, "info", "--vector", missing)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("tdsteer: error: No steering-vector file")
+    with pytest.raises(tdsteer.SteeringVectorFileError):
+        main(["--debug", "info", "--vector", missing])
+
+
+def test_tdsteer_eval_is_an_alias(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert eval_main(["demo-task", str(tmp_path)]) == 0
+    assert "tdsteer_demo_mc" in capsys.readouterr().out
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tdsteer", "--version"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.startswith("tdsteer "), done.stderr
