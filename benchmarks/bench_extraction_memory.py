@@ -104,25 +104,25 @@ def contrastive_batches(args: argparse.Namespace, examples: int, vocab: int, see
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch  # imported in the child process only, so the parent measures nothing of its own
 
     import tdsteer
+    from tdsteer_hf.tiny import tiny_gpt2
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    config = GPT2Config(
+    model = tiny_gpt2(
+        vocab_size=1000,
         n_layer=4,
         n_embd=args.hidden,
         n_head=4,
-        vocab_size=1000,
         n_positions=max(64, args.max_len),
+        seed=args.seed,
         bos_token_id=999,
         eos_token_id=999,
-    )
-    model = GPT2LMHeadModel(config).to(device).eval()
+    ).to(device)
+    config = model.config
     sites = [f"transformer.h.{layer}" for layer in args.layers]
 
     # Warm up at the longest length, so that one-off allocations (allocator pools, kernels) are not
