@@ -134,8 +134,15 @@ def _examples(data: Any) -> list[_Example]:
                 continue
             if "positive" in item and "negative" in item:
                 values = (item.get("prompt"), item["positive"], item["negative"])
-                if not all(isinstance(v, str) for v in values if v is not None):
-                    raise ValueError(f"{where}: prompt, positive and negative must be strings")
+                if not (isinstance(values[1], str) and isinstance(values[2], str)) or not (
+                    values[0] is None or isinstance(values[0], str)
+                ):
+                    kinds = ", ".join(
+                        f"{key} is {type(v).__name__}" for key, v in zip(("prompt", "positive", "negative"), values)
+                    )
+                    raise ValueError(
+                        f"{where}: positive and negative must be strings, and prompt a string if given ({kinds})"
+                    )
                 prompt = values[0]
                 answer: Literal["last"] | None = "last" if prompt is not None else None
                 examples.append(_Example(prompt, values[1], values[2], answer))
@@ -220,6 +227,11 @@ class ContrastiveBatches:
     def count(self) -> int:
         """Number of contrastive examples."""
         return len(self._tokens)
+
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest positive or negative text (what the model's positions must hold)."""
+        return max((max(len(pos), len(neg)) for pos, neg in self._tokens), default=0)
 
     def __len__(self) -> int:
         return math.ceil(self.count / self.batch_size)

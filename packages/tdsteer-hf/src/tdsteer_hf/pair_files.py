@@ -51,6 +51,8 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Any]:
     elif suffix == ".json" or start == "[":
         try:
             data = json.loads(text) if text.strip() else []
+        except RecursionError:
+            raise ValueError(f"pairs file {str(path)!r} nests JSON too deeply to be a list of records") from None
         except json.JSONDecodeError as error:
             if start == "{" and "Extra data" in str(error):
                 data = _json_lines(text, path)  # JSON Lines saved as .json
@@ -73,6 +75,8 @@ def _json_lines(text: str, path: str | os.PathLike[str]) -> list[Any]:
             continue
         try:
             records.append(json.loads(line))
+        except RecursionError:
+            raise ValueError(f"pairs file {str(path)!r} line {number} nests JSON too deeply to be a record") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"pairs file {str(path)!r} line {number} is not valid JSON: {error}") from None
     return records

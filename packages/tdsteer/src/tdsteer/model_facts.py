@@ -66,10 +66,26 @@ def model_hidden_size(model: nn.Module) -> int | None:
 
 
 def model_name_of(model: nn.Module) -> str | None:
-    """The model name recorded in vectors: ``config.name_or_path`` (or ``_name_or_path``) when set."""
+    """The model name recorded in vectors, when the model tells it.
+
+    ``config.name_or_path`` (or ``_name_or_path``) for Hugging Face models; the ``architecture`` of
+    ``pretrained_cfg`` (or ``default_cfg``) for timm models (``"vit_tiny_patch16_224"``).
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> model.pretrained_cfg = {"architecture": "tiny_net"}
+        >>> model_name_of(model)
+        'tiny_net'
+    """
     config = getattr(model, "config", None)
     for attribute in ("name_or_path", "_name_or_path"):
         value = getattr(config, attribute, None)
         if value:
             return str(value)
+    for attribute in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attribute, None)
+        name = cfg.get("architecture") if isinstance(cfg, dict) else None
+        if isinstance(name, str) and name:
+            return name
     return None

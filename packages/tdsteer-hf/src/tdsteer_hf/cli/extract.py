@@ -7,7 +7,7 @@ import sys
 
 import tdsteer
 from tdsteer.aggregators import METHODS
-from tdsteer.cli import Command, parse_layers, positive_int, save_extracted
+from tdsteer.cli import CLIError, Command, output_file, parse_device, parse_layers, positive_int, save_extracted
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.data import contrastive_batches
@@ -55,7 +55,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     positive_int("--batch-size", args.batch_size)
-    layers = parse_layers(args.layers)  # before the model: a malformed value fails fast
+    if args.max_length is not None:
+        positive_int("--max-length", args.max_length)
+    layers = parse_layers(args.layers)  # everything the user gave is checked before the model loads
+    output_file(args.output)
+    parse_device(args.device)
     records = read_pairs(args.pairs)
     with transformers_console():
         model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -75,6 +79,12 @@ def _run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         max_length=args.max_length,
     )
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and batches.longest > limit:
+        raise CLIError(
+            f"pairs file {args.pairs!r} holds a text of {batches.longest} tokens but the model takes at most "
+            f"{limit} positions; pass --max-length {limit} to keep the last {limit} tokens of each text"
+        )
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model

@@ -16,6 +16,7 @@ from tdsteer.cli import (
     Command,
     add_check_option,
     one_line,
+    parse_device,
     parse_positions,
     parse_scales,
     positive_int,
@@ -135,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scale or ["1"])
     positions = parse_positions(args.positions)
     positive_int("--max-new-tokens", args.max_new_tokens)
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise CLIError("--prompt is empty; give the text to continue, e.g. --prompt 'I think'")
+    parse_device(args.device)
     if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         raise CLIError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
     vector = tdsteer.as_vector(args.vector)  # before the model: a bad file fails fast

@@ -97,8 +97,12 @@ def load_config(name: str) -> Any:
     """The model's config; a missing or unreadable one is a :class:`CLIError`."""
     try:
         return AutoConfig.from_pretrained(model_location(name))
-    except (OSError, ValueError, KeyError) as error:
-        raise CLIError(f"cannot load the model config of {name!r}: {one_line(error)}") from None
+    except CLIError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a malformed config.json fails in many ways inside transformers
+        raise CLIError(
+            f"cannot load the model config of {name!r} (is config.json a JSON object?): {one_line(error)}"
+        ) from None
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str | None = None, need_generate: bool = False) -> nn.Module:
@@ -130,8 +134,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str | None = None, nee
                 model = AutoModel.from_pretrained(location, **kwargs)
         else:
             model = AutoModel.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load model {name!r}: {one_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - truncated or corrupted weights fail in many ways (safetensors, torch)
+        raise CLIError(f"cannot load model {name!r} (truncated or corrupted weights?): {one_line(error)}") from None
     if need_generate and not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
         raise CLIError(f"model {name!r} ({type(model).__name__}) cannot generate text; use a causal language model")
     loaded: nn.Module = model
@@ -160,7 +164,9 @@ def load_tokenizer(name: str) -> Any:
     """The model's tokenizer, with a pad token (its eos token when it has none)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_location(name))
-    except (OSError, ValueError, TypeError) as error:
+    except CLIError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a missing or corrupted tokenizer fails in many ways
         raise CLIError(f"cannot load the tokenizer of {name!r}: {one_line(error)}") from None
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token

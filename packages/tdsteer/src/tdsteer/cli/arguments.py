@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -127,9 +128,32 @@ def parse_device(requested: str | None, option: str = "--device") -> torch.devic
         device = torch.device(requested)
     except (RuntimeError, ValueError):
         raise CLIError(f"{option} {requested!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise CLIError(f"{option} meta holds no data, so nothing can run on it; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"{option} {requested}: no CUDA GPU is available (torch.cuda.is_available() is False)")
     return device
+
+
+def output_file(value: str, option: str = "-o") -> Path:
+    """Check an output file option before any work: not a folder, and its folder writable or creatable.
+
+    Raises:
+        CLIError: The path is a folder, or its folder cannot be written.
+
+    Examples:
+        >>> output_file("/tmp/v.safetensors")
+        PosixPath('/tmp/v.safetensors')
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise CLIError(f"{option} {value!r} is a folder; give a file name, e.g. {Path(value) / 'vector.safetensors'}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {value!r}: cannot write in {str(existing)!r} (permission denied or not a folder)")
+    return path
 
 
 def add_check_option(parser: argparse.ArgumentParser) -> None:
