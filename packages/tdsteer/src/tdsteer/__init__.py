@@ -1,5 +1,6 @@
 """tdsteer: activation steering for PyTorch models on tdhook and tensordict."""
 
+from tdsteer import distributed
 from tdsteer._version import __version__
 from tdsteer.activation_addition import ActivationAddition
 from tdsteer.adapter import Adapter, ModelDescription, SiteInfo
@@ -27,6 +28,7 @@ from tdsteer.vector import SteeringVector, as_vector
 
 __all__ = [
     "Adapter",
+    "distributed",
     "ModelDescription",
     "SiteInfo",
     "UnknownArchitectureError",

@@ -81,15 +81,28 @@ class Aggregator:
         return self
 
     def all_reduce(self, group: Any = None) -> None:
-        """Sum the state over all processes of ``group`` (``torch.distributed``)."""
-        keys = sorted(self.state)
-        names: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(names, keys, group=group)
-        if any(n != keys for n in names):
-            raise RuntimeError(f"Processes hold different aggregator states: {names}; did every rank see data?")
-        for key in keys:
+        """Sum the state over all processes of ``group`` (``torch.distributed``).
+
+        A process that read no data (an empty shard) takes part with zeros of the others' shapes.
+        """
+        mine = {key: (tuple(value.shape), str(value.dtype).removeprefix("torch.")) for key, value in self.state.items()}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        for state in gathered:
+            for key, shape in state.items():
+                if shapes.setdefault(key, shape) != shape:
+                    raise RuntimeError(
+                        f"Processes hold different {self.name} states for {key!r}: {shapes[key]} vs {shape}; "
+                        "did every rank read the same sites of the same model?"
+                    )
+        device = _collective_device(group, self.state)
+        for key in sorted(shapes):
+            if key not in self.state:
+                shape, dtype = shapes[key]
+                self.state[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
             dist.all_reduce(self.state[key], group=group)
-        flag = self.nonfinite.to(torch.int64).reshape(1)
+        flag = self.nonfinite.to(device=device, dtype=torch.int64).reshape(1)
         dist.all_reduce(flag, group=group)
         self.nonfinite = flag[0] > 0
 
@@ -213,11 +226,11 @@ class LinearProbe(Aggregator):
 
     def all_reduce(self, group: Any = None) -> None:
         gathered: list[Any] = [None] * dist.get_world_size(group)
-        mine = (torch.cat(self.rows_pos), torch.cat(self.rows_neg), bool(self.nonfinite))
-        dist.all_gather_object(gathered, mine, group=group)
-        self.rows_pos = [g[0] for g in gathered]
-        self.rows_neg = [g[1] for g in gathered]
-        self.nonfinite = torch.tensor(any(g[2] for g in gathered))
+        rows = (torch.cat(self.rows_pos), torch.cat(self.rows_neg)) if self.rows_pos else None
+        dist.all_gather_object(gathered, (rows, bool(self.nonfinite)), group=group)
+        self.rows_pos = [g[0][0] for g in gathered if g[0] is not None]
+        self.rows_neg = [g[0][1] for g in gathered if g[0] is not None]
+        self.nonfinite = torch.tensor(any(g[1] for g in gathered))
 
     def result(self) -> Tensor:
         if not self.rows_pos or not self.rows_neg:
@@ -292,7 +305,8 @@ class ActAdd(Aggregator):
         return self
 
     def all_reduce(self, group: Any = None) -> None:
-        length = torch.tensor([self.state["n"].shape[0]], dtype=torch.int64)
+        mine = self.state["n"].shape[0] if "n" in self.state else 0
+        length = torch.tensor([mine], dtype=torch.int64, device=_collective_device(group, self.state))
         dist.all_reduce(length, op=dist.ReduceOp.MAX, group=group)
         self.state = {k: _pad_rows(v, int(length)) for k, v in self.state.items()}
         super().all_reduce(group)
@@ -306,6 +320,15 @@ class ActAdd(Aggregator):
         counts = self.state["n"]
         keep = int((counts > 0).sum())
         return self.state["sum"][:keep] / counts[:keep].unsqueeze(-1)
+
+
+def _collective_device(group: Any, state: dict[str, Tensor]) -> torch.device:
+    """Where a collective's tensors must live: the state's device, or this rank's GPU under nccl."""
+    for value in state.values():
+        return value.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _pad_rows(tensor: Tensor, size: int) -> Tensor:

@@ -16,6 +16,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tdsteer import distributed as parallel
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.batches import batch_size, digest, to_device
 from tdsteer.keys import BatchKeys
@@ -165,6 +166,7 @@ class Extraction:
         progress: bool = True,
         stop_early: bool = True,
         device: torch.device | str | None = None,
+        allow_empty: bool = False,
     ) -> Extraction:
         """Run ``model`` over ``batches`` and fold the readings in.
 
@@ -174,6 +176,7 @@ class Extraction:
             progress: Show a tqdm bar.
             stop_early: Stop each forward after the last site (the rest of the model is not run).
             device: Move batch tensors there first; defaults to the model's device.
+            allow_empty: Accept no batches at all (one rank's empty shard of a small dataset).
 
         Returns:
             ``self``.
@@ -197,7 +200,7 @@ class Extraction:
                     self.aggregators[site.key].update(pos_read[site.key], neg_read[site.key])
                 self.num_examples += batch_size(pos)
                 seen += 1
-        if seen == 0:
+        if seen == 0 and not allow_empty:
             raise ValueError("No batches to extract from: the data is empty")
         return self
 
@@ -284,7 +287,7 @@ def extract(
     device: torch.device | str | None = None,
     model_name: str | None = None,
     group: Any = None,
-    distributed: bool = False,
+    distributed: bool | None = None,
     **method_kwargs: Any,
 ) -> SteeringVector:
     """Compute a steering vector from contrastive batches, streaming.
@@ -307,7 +310,10 @@ def extract(
         model_name: Name recorded in the metadata (default: ``config.name_or_path``).
         group: ``torch.distributed`` group for ``distributed=True``.
         distributed: All-reduce the state across processes before finishing (each process passes
-            its own shard of the data).
+            its own shard of the data, e.g. :func:`tdsteer.distributed.shard` of the pairs; a shard
+            may be empty). ``None`` (default): when a process group of several processes is
+            initialised (``torchrun``). Only rank 0 shows a progress bar, and a failure on any rank
+            fails every rank with the same :class:`tdsteer.distributed.RankError`.
         method_kwargs: Passed to the aggregator.
 
     Returns:
@@ -321,7 +327,25 @@ def extract(
         [1.0, 1.0, 1.0]
     """
     state = Extraction(sites, method, read, keys=keys, **method_kwargs)
-    state.update(model, batches, progress=progress, stop_early=stop_early, device=device)
-    if distributed:
-        state.all_reduce(group)
+    if distributed is None:
+        distributed = parallel.active(group)
+    if not distributed:
+        state.update(model, batches, progress=progress, stop_early=stop_early, device=device)
+        return state.to_vector(model, model_name=model_name)
+    failure: BaseException | None = None
+    try:
+        state.update(
+            model,
+            batches,
+            progress=progress and parallel.is_main(group),
+            stop_early=stop_early,
+            device=device,
+            allow_empty=True,
+        )
+    except Exception as error:  # noqa: BLE001 - shared with every rank below, then raised on all of them
+        failure = error
+    parallel.agree(failure, group)
+    state.all_reduce(group)
+    if state.num_examples == 0:
+        raise ValueError("No batches to extract from: every rank's shard of the data is empty")
     return state.to_vector(model, model_name=model_name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import tdsteer
+from tdsteer import distributed as parallel
 from tdsteer.aggregators import METHODS
 from tdsteer.cli import CLIError, Command, output_file, parse_device, parse_layers, positive_int, save_extracted
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
@@ -61,15 +63,15 @@ def _run(args: argparse.Namespace) -> int:
     output_file(args.output)
     parse_device(args.device)
     records = read_pairs(args.pairs)
-    with transformers_console():
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
-    description = describe(model)
-    records_of_kind = description.of_kind(args.kind)
-    chosen = [len(records_of_kind) // 2] if layers is None else layers
-    indices = tdsteer.take_indices(len(records_of_kind), chosen, what="layer")
-    sites = [records_of_kind[i].site for i in indices]
-    with transformers_console():
-        tokenizer = load_tokenizer(args.model)
+    # Under torchrun each rank reads its shard of the pairs; the states are all-reduced once.
+    with parallel.process_group():
+        return _extract(args, records, layers)
+
+
+def _batches(args: argparse.Namespace, tokenizer: Any, records: list[Any], limit: object) -> Any:
+    """This rank's batches (none for an empty shard), checked against the model's positions."""
+    if not records:
+        return []
     batches = contrastive_batches(
         tokenizer,
         records,
@@ -79,26 +81,53 @@ def _run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         max_length=args.max_length,
     )
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and batches.longest > limit:
         raise CLIError(
             f"pairs file {args.pairs!r} holds a text of {batches.longest} tokens but the model takes at most "
             f"{limit} positions; pass --max-length {limit} to keep the last {limit} tokens of each text"
         )
+    return batches
+
+
+def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | None) -> int:
+    device = args.device if args.device is not None or not parallel.active() else str(parallel.local_device())
+    with transformers_console():
+        model = load_model(args.model, dtype=args.dtype, device=device)
+    description = describe(model)
+    records_of_kind = description.of_kind(args.kind)
+    chosen = [len(records_of_kind) // 2] if layers is None else layers
+    indices = tdsteer.take_indices(len(records_of_kind), chosen, what="layer")
+    sites = [records_of_kind[i].site for i in indices]
+    with transformers_console():
+        tokenizer = load_tokenizer(args.model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    failure: Exception | None = None
+    try:  # a shard's own problem (a bad record, a long text) must fail every rank, not leave them waiting
+        batches = _batches(args, tokenizer, parallel.shard(records), limit)
+    except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
+        failure, batches = error, []
+    parallel.agree(failure)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
     )
-    save_extracted(
-        vector,
-        args.output,
-        read=args.read,
-        data=f"{batches.count} examples",
-        site_kind=args.kind,
-        layers=indices,
-        chat_template=bool(args.chat_template),
-        data_file=str(args.pairs),
-    )
+    failure = None
+    if parallel.is_main():
+        try:
+            save_extracted(
+                vector,
+                args.output,
+                read=args.read,
+                data=f"{vector.metadata['num_examples']} examples",
+                site_kind=args.kind,
+                layers=indices,
+                chat_template=bool(args.chat_template),
+                data_file=str(args.pairs),
+                ranks=parallel.rank_and_size()[1],
+            )
+        except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
+            failure = error
+    parallel.agree(failure)
     return 0
 
 
