@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,4 +71,5 @@ def test_a_failing_rank_fails_every_rank_with_one_message(model_dir: Path, tmp_p
     errors = [line for line in done.stderr.splitlines() if "tdsteer: error:" in line]
     assert 1 <= len(errors) <= 2 and len({line.split("tdsteer: error:", 1)[1] for line in errors}) == 1, errors
     assert "rank 1 of 2 failed" in errors[0] and "at most 16 positions" in errors[0]
-    assert "Traceback" not in done.stderr
+    # torchrun prints its own ChildFailedError traceback; no frame of tdsteer's may show
+    assert not re.search(r'File "[^"]*tdsteer[^"]*\.py"', done.stderr), done.stderr[-3000:]
