@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 
 import tdsteer
 import tdsteer_timm
-from tdsteer.cli import NO, SURE, main
+from tdsteer.cli import NO, SURE, CLIError, main
+from tdsteer_timm.cli.extract_images import check_read, default_read
 from tdsteer_timm.cli.source import SOURCE
 
 TINY = "resnet10t"  # 5M parameters; at 32 pixels a forward takes milliseconds on a CPU
@@ -42,7 +44,9 @@ def _extract(folders: tuple[Path, Path], output: Path, *extra: str, model: str =
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> None:
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()
+    # another distribution's command that fails to load warns first; that is not this error's output
+    err = "\n".join(line for line in lines if not line.startswith("tdsteer: warning: cannot load the"))
     assert err.startswith("tdsteer: error:") and "\n" not in err and "Traceback" not in err, err
     for word in words:
         assert word in err, err
@@ -137,9 +141,49 @@ def test_info_opens_timm_names(capsys: pytest.CaptureFixture[str]) -> None:
     assert summary["hidden_size"] == 512 and summary["weights_read"] is False
     assert summary["parameters"] == sum(p.numel() for p in timm.create_model("resnet18").parameters())
     assert summary["kinds"]["block"] == {"count": 8, "first": "layer1.0", "last": "layer4.1"}
-    assert summary["kinds"]["stage"] == {"count": 4, "first": "layer1", "last": "layer4"}
+    assert summary["kinds"]["stage"] == {"count": 5, "first": "act1", "last": "layer4"}  # timm numbers the stem 0
 
 
 def test_extract_images_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "extract-images" in capsys.readouterr().out
+
+
+def test_extract_images_records_the_architecture(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "vec.safetensors"
+    assert _extract(folders, output, model=f"timm/{TINY}.c3_in1k") == 0
+    vector = tdsteer.SteeringVector.load(output)
+    assert vector.metadata["model_name"] == TINY and vector.metadata["model_type"] == "ResNet"
+    assert vector.metadata["timm_model"] == f"timm/{TINY}.c3_in1k" and vector.metadata["timm_family"] == "resnet"
+    assert vector.metadata["hidden_sizes"] == {"layer4.0": 512} and vector.metadata["features_only"] is False
+    model = timm.create_model(TINY, pretrained=False)
+    assert tdsteer_timm.check_vector(output, model, check="error").keys() == ["layer4.0"]
+    other = timm.create_model("resnet18", pretrained=False)  # the same widths, another architecture
+    with pytest.raises(ValueError, match="made for timm architecture 'resnet10t' but the model is 'resnet18'"):
+        tdsteer_timm.check_vector(output, other, check="error")
+
+
+def test_extract_images_from_a_features_only_backbone(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    backbone = timm.create_model(TINY, pretrained=False, features_only=True)
+    checkpoint = tmp_path / "backbone.safetensors"
+    save_file(backbone.state_dict(), str(checkpoint))
+    output = tmp_path / "vec.safetensors"
+    code = _extract(folders, output, "--features-only", "--kind", "stage", "--checkpoint", str(checkpoint))
+    assert code == 0
+    vector = tdsteer.SteeringVector.load(output)
+    assert vector.keys() == ["layer4"] and vector.metadata["features_only"] is True
+    assert vector.metadata["layers"] == [4]  # timm's numbering: stage 0 is the stem
+
+
+def test_read_cls_needs_a_class_token() -> None:
+    vit = [tdsteer.Site("blocks.0", layout="NLC", prefix_tokens=1)]
+    check_read("cls", vit, class_token=True)
+    for sites, class_token, words in [
+        ([tdsteer.Site("blocks.0", layout="NLC")], True, "has no class token (prefix_tokens=0)"),
+        ([tdsteer.Site("blocks.0", layout="NLC", prefix_tokens=4)], False, "starts with 4 register tokens"),
+        ([tdsteer.Site("layer4", layout="NCHW")], True, "is a feature map"),
+    ]:
+        with pytest.raises(CLIError, match=re.escape(words)) as refused:
+            check_read("cls", sites, class_token=class_token)
+        assert "use --read" in str(refused.value)
+    assert default_read(vit, class_token=False) == "patch_mean"

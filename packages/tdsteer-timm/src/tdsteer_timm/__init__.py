@@ -6,6 +6,8 @@ Examples:
     >>> model = timm.create_model("resnet18", pretrained=False)
     >>> [s.path for s in tdsteer_timm.sites(model, -1, kind="stage")]
     ['layer4']
+    >>> tdsteer_timm.sites(model, 0, kind="stage")[0].path  # timm's forward_intermediates index 0: the stem
+    'act1'
 """
 
 from tdsteer_timm import families as _families  # noqa: F401  (registers the built-in architectures)
@@ -21,6 +23,7 @@ from tdsteer_timm.arch import (
 from tdsteer_timm.data import ImageBatches, contrastive_batches
 from tdsteer_timm.description import describe
 from tdsteer_timm.sites import num_layers, sites
+from tdsteer_timm.vectors import check_vector
 
 __all__ = [
     "DEFAULT_KIND",
@@ -29,6 +32,7 @@ __all__ = [
     "ImageBatches",
     "__version__",
     "architecture_for",
+    "check_vector",
     "contrastive_batches",
     "describe",
     "num_layers",

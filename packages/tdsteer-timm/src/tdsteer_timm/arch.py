@@ -1,21 +1,23 @@
 """Architecture registry: where the blocks and stages of a timm model live.
 
 Each supported model family registers one small function, keyed by model class (subclasses inherit
-it), that returns an :class:`ArchSpec`: regular expressions for the block and stage module paths, the
-activation layout and the number of prefix tokens. :func:`tdsteer_timm.describe` turns a spec and a
-model instance into a :class:`tdsteer.adapter.ModelDescription`.
+it), that returns an :class:`ArchSpec`: regular expressions for the block module paths, the stage
+sites in timm's own index order, the activation layouts and the number of prefix tokens.
+:func:`tdsteer_timm.describe` turns a spec and a model instance into a
+:class:`tdsteer.adapter.ModelDescription`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from torch import nn
 
 Layout = Literal["NLC", "NCHW", "NHWC"]
+LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")
 
 #: The kinds of site this adapter offers: every residual block, or every stage.
 SITE_KINDS: tuple[str, ...] = ("block", "stage")
@@ -30,23 +32,40 @@ F = TypeVar("F", bound=SpecFn)
 class ArchSpec:
     """What a registered family tells the builder about one model instance.
 
+    Stage ``i`` of a description is the site whose output is timm's ``forward_intermediates``
+    output ``i`` (and ``feature_info[i]``), so a stage index means the same in tdsteer and timm.
+
     Args:
         family: Short family name (``"vit"``, ``"resnet"``...): the description's ``architecture``.
         block_pattern: Regular expression that fully matches the path of every block
             (``r"layer\\d+\\.\\d+"``), in the grammar of ``model.named_modules()``.
         stage_pattern: Regular expression that fully matches the path of every stage
-            (``r"layer\\d+"``); equal to ``block_pattern`` for isotropic models (ViT).
-        layout: Layout of the block and stage outputs: ``"NLC"``, ``"NCHW"`` or ``"NHWC"``.
-        prefix_tokens: Leading non-patch tokens (class, distillation, register tokens) of an
-            ``NLC`` layout.
-        stages_from_feature_info: Take the stage sites from ``model.feature_info`` (the modules timm
-            reports as features, stem excluded) rather than from every ``stage_pattern`` match.
-        channels: Optional ``fn(model, path) -> int`` giving the channel count of a site; when
+            (``r"layer\\d+"``); used when neither ``stages`` nor ``model.feature_info`` gives them.
+        layout: Layout of the block outputs (and of the stage outputs unless ``stage_layout`` says
+            otherwise): ``"NLC"``, ``"NCHW"`` or ``"NHWC"``.
+        prefix_tokens: Leading non-patch tokens (class, distillation, register tokens) of the ``NLC``
+            sites; ``0`` where the model adds its class token after the blocks (CaiT, XCiT).
+        stages_from_feature_info: Take the stage sites from the modules listed in ``model.feature_info``,
+            in its order (timm's index order), rather than from every ``stage_pattern`` match.
+        channels: Optional ``fn(model, path) -> int`` giving the channel count of a block; when
             ``None`` the builder reads ``feature_info`` and the modules themselves.
+        stages: Explicit stage sites in timm's index order, as site keys: ``"path"`` or
+            ``"path#slot"`` for one tensor of a module that returns a list (CrossViT's branches).
+            Overrides ``stages_from_feature_info`` and ``stage_pattern``.
+        stage_layout: Layout of the stage outputs when it differs from the blocks' (PVTv2: ``NLC``
+            blocks, ``NCHW`` stages).
+        block_layouts: Module path -> layout of the blocks under it, where it differs from
+            ``layout`` (CAFormer: ``{"stages.2": "NLC"}``).
+        stage_of: Optional ``fn(block_path) -> stage index or None``; by default a block belongs to
+            the stage that contains it, else to the first stage after it.
+        class_token: Whether the first prefix token is a class token (``False`` for register-only
+            or pooled ViTs: ``read="cls"`` is refused there).
 
     Examples:
         >>> ArchSpec("mynet", r"stages\\.\\d+\\.\\d+", r"stages\\.\\d+", "NCHW").layout
         'NCHW'
+        >>> ArchSpec("branches", r"b\\.\\d+", r"b\\.\\d+", "NLC", 1, stages=("b.0#0", "b.0#1")).stages
+        ('b.0#0', 'b.0#1')
     """
 
     family: str
@@ -56,12 +75,44 @@ class ArchSpec:
     prefix_tokens: int = 0
     stages_from_feature_info: bool = True
     channels: Callable[[nn.Module, str], int] | None = None
+    stages: tuple[str, ...] | None = None
+    stage_layout: Layout | None = None
+    block_layouts: Mapping[str, Layout] = field(default_factory=dict)
+    stage_of: Callable[[str], int | None] | None = None
+    class_token: bool = False
 
     def __post_init__(self) -> None:
-        if self.layout not in ("NLC", "NCHW", "NHWC"):
-            raise ValueError(f"ArchSpec {self.family!r}: unknown layout {self.layout!r}; use NLC, NCHW or NHWC")
+        for layout in (self.layout, self.stage_layout, *self.block_layouts.values()):
+            if layout is not None and layout not in LAYOUTS:
+                raise ValueError(f"ArchSpec {self.family!r}: unknown layout {layout!r}; use NLC, NCHW or NHWC")
+        if self.prefix_tokens < 0:
+            raise ValueError(f"ArchSpec {self.family!r}: prefix_tokens must be >= 0, got {self.prefix_tokens}")
         for pattern in (self.block_pattern, self.stage_pattern):
             re.compile(pattern)
+
+    def block_layout(self, path: str) -> Layout:
+        """The layout of the block at ``path``: the nearest ``block_layouts`` entry above it, else ``layout``.
+
+        Examples:
+            >>> spec = ArchSpec("m", r"s\\.\\d+\\.\\d+", r"s\\.\\d+", "NCHW", block_layouts={"s.1": "NLC"})
+            >>> spec.block_layout("s.0.2"), spec.block_layout("s.1.0")
+            ('NCHW', 'NLC')
+        """
+        found = [(len(p), layout) for p, layout in self.block_layouts.items() if path == p or path.startswith(p + ".")]
+        return max(found)[1] if found else self.layout
+
+
+def parse_key(key: str) -> tuple[str, int | None]:
+    """Split a site key ``"path#slot"`` into the path and the slot (``None`` without one).
+
+    Examples:
+        >>> parse_key("blocks.0#1"), parse_key("layer1")
+        (('blocks.0', 1), ('layer1', None))
+    """
+    path, hash_, slot = key.rpartition("#")
+    if hash_ and slot.isdigit():
+        return path, int(slot)
+    return key, None
 
 
 _REGISTRY: dict[type, SpecFn] = {}
@@ -140,6 +191,13 @@ def register_architecture(
 def architecture_for(*classes: type, overwrite: bool = False) -> Callable[[F], F]:
     """Decorator form of :func:`register_architecture`: register ``fn(model) -> ArchSpec`` for ``classes``.
 
+    Args:
+        *classes: The model classes (subclasses inherit the entry).
+        overwrite: Replace existing entries instead of raising.
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+
     Examples:
         >>> from torch import nn
         >>> class SmallNet(nn.Module):
@@ -162,17 +220,22 @@ def architecture_for(*classes: type, overwrite: bool = False) -> Callable[[F], F
 def supported() -> list[str]:
     """Names of the model classes with a registered architecture, sorted.
 
+    Returns:
+        Class names (``"ResNet"``, ``"VisionTransformer"``...); subclasses of these are handled too.
+
     Examples:
-        >>> "ResNet" in supported()
+        >>> "ResNet" in supported() and "Hiera" in supported()
         True
     """
     return sorted({cls.__name__ for cls in _REGISTRY})
 
 
-def lookup(model: nn.Module) -> SpecFn | None:
-    """The spec function registered for the class of ``model`` or its nearest registered parent."""
-    for cls in type(model).__mro__:
-        fn = _REGISTRY.get(cls)
+def lookup(model: nn.Module | type) -> SpecFn | None:
+    """The spec function registered for the class of ``model`` (or ``model`` itself, a class) or its
+    nearest registered parent."""
+    cls = model if isinstance(model, type) else type(model)
+    for parent in cls.__mro__:
+        fn = _REGISTRY.get(parent)
         if fn is not None:
             return fn
     return None

@@ -1,130 +1,29 @@
-"""The one builder behind :func:`tdsteer_timm.sites`: a model and its :class:`~tdsteer_timm.ArchSpec`
-(registered, or guessed from ``model.feature_info``) into a :class:`tdsteer.adapter.ModelDescription`."""
+"""``describe``: how tdsteer_timm sees one model, from the registry, through a ``features_only``
+wrapper, or from the checked fallback (:mod:`tdsteer_timm.fallback`)."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 from torch import nn
 
-from tdsteer import Site
-from tdsteer.adapter import ModelDescription, SiteInfo, warn_fallback
+from tdsteer.adapter import ModelDescription, warn_fallback
 from tdsteer.errors import UnknownArchitectureError
-from tdsteer_timm.arch import DEFAULT_KIND, SITE_KINDS, ArchSpec, Layout, lookup, supported
-
-ADAPTER = "tdsteer_timm"
-FALLBACK = "feature_info"
-
-
-def _feature_info_entries(model: nn.Module) -> list[Mapping[str, Any]]:
-    """The entries of timm's ``model.feature_info`` (a list of dicts, or a ``FeatureInfo`` wrapping one)."""
-    info = getattr(model, "feature_info", None)
-    items = getattr(info, "info", info)
-    if not isinstance(items, (list, tuple)):
-        return []
-    return [item for item in items if isinstance(item, Mapping) and isinstance(item.get("module"), str)]
+from tdsteer_timm.arch import lookup, supported
+from tdsteer_timm.build import ADAPTER, build
+from tdsteer_timm.fallback import Refusal, guess
+from tdsteer_timm.features import Wrapped, relocate, unwrap
 
 
-def _block_feature_chs(module: nn.Module) -> int | None:
-    """Channels a timm EfficientNet-family block reports through its ``feature_info(location)`` method."""
-    method = getattr(module, "feature_info", None)
-    if not callable(method):
-        return None
-    try:
-        record = method("bottleneck")
-    except Exception:  # noqa: BLE001 - a different protocol: no answer
-        return None
-    if isinstance(record, Mapping) and isinstance(record.get("num_chs"), int):
-        return int(record["num_chs"])
-    return None
+@dataclass(frozen=True)
+class Resolved:
+    """A description, whether its NLC sites start with a class token, the fallback's guess (if any),
+    and the class to register to make the guess explicit (the wrapped one, for a features_only model)."""
 
-
-def _last_width(module: nn.Module) -> int | None:
-    """Output width of the last convolution or linear layer inside ``module`` (a heuristic)."""
-    found: int | None = None
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            found = sub.out_channels
-        elif isinstance(sub, nn.Linear):
-            found = sub.out_features
-    return found
-
-
-def _build(model: nn.Module, spec: ArchSpec, *, guessed: bool = False) -> ModelDescription:
-    modules = dict(model.named_modules())
-    block_re = re.compile(spec.block_pattern)
-    stage_re = re.compile(spec.stage_pattern)
-    block_paths = [path for path in modules if path and block_re.fullmatch(path)]
-    stage_paths = [path for path in modules if path and stage_re.fullmatch(path)]
-    name = type(model).__name__
-    if not block_paths or not stage_paths:
-        missing = "blocks" if not block_paths else "stages"
-        raise ValueError(
-            f"{name} ({spec.family}): no module path matches the {missing} pattern "
-            f"{(spec.block_pattern if not block_paths else spec.stage_pattern)!r}. "
-            "Check the registered ArchSpec against model.named_modules()."
-        )
-
-    entries = _feature_info_entries(model)
-    feature_chs = {e["module"]: int(e["num_chs"]) for e in entries if isinstance(e.get("num_chs"), int)}
-
-    def stage_of(path: str) -> int:
-        for index, stage in enumerate(stage_paths):
-            if path == stage or path.startswith(stage + "."):
-                return index
-        raise ValueError(f"{name} ({spec.family}): block {path!r} lies in none of the stages {stage_paths}")
-
-    def channels(path: str) -> int:
-        if spec.channels is not None:
-            return int(spec.channels(model, path))
-        if path in feature_chs:
-            return feature_chs[path]
-        own = _block_feature_chs(modules[path])
-        if own is not None:
-            return own
-        stage = stage_paths[stage_of(path)]
-        if stage in feature_chs:
-            return feature_chs[stage]
-        guess = _last_width(modules[path])
-        if guess is None:
-            raise ValueError(
-                f"{name} ({spec.family}): cannot tell the channels of {path!r}; "
-                "give the ArchSpec a channels=fn(model, path) function."
-            )
-        return guess
-
-    def records(kind: str, paths: list[str]) -> list[SiteInfo]:
-        return [
-            SiteInfo(
-                kind,
-                index,
-                Site(path, layout=spec.layout, prefix_tokens=spec.prefix_tokens),
-                channels(path),
-                stage_of(path),
-            )
-            for index, path in enumerate(paths)
-        ]
-
-    stage_sites = stage_paths
-    if spec.stages_from_feature_info and entries:
-        listed = [e["module"] for e in entries]
-        chosen = [p for p in listed if p in modules and (stage_re.fullmatch(p) or block_re.fullmatch(p))]
-        if chosen:
-            stage_sites = chosen
-    blocks = records("block", block_paths)
-    return ModelDescription(
-        adapter=ADAPTER,
-        model_class=name,
-        architecture=FALLBACK if guessed else spec.family,
-        source=FALLBACK if guessed else "registry",
-        guessed=guessed,
-        hidden_size=blocks[-1].num_chs,
-        sites=tuple(blocks + records("stage", stage_sites)),
-        kinds=SITE_KINDS,
-        default_kind=DEFAULT_KIND,
-    )
+    description: ModelDescription
+    class_token: bool
+    guessed: str | None = None
+    register: str | None = None
 
 
 def _unknown(model: nn.Module, reason: str) -> UnknownArchitectureError:
@@ -142,80 +41,102 @@ def _unknown(model: nn.Module, reason: str) -> UnknownArchitectureError:
     )
 
 
-def _fallback_spec(model: nn.Module) -> ArchSpec | None:
-    """A spec whose blocks and stages are the modules of ``model.feature_info``; ``None`` if it lists none."""
-    entries = _feature_info_entries(model)
-    modules = dict(model.named_modules())
-    paths = [e["module"] for e in entries if e["module"] in modules and e["module"]]
-    if not paths:
-        return None
-    layout: Layout
-    if getattr(model, "output_fmt", None) == "NHWC":
-        layout = "NHWC"
-    elif hasattr(model, "num_prefix_tokens"):
-        layout = "NLC"
-    else:
-        layout = "NCHW"
-    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if layout == "NLC" else 0
-    pattern = "|".join(re.escape(p) for p in paths)
-    return ArchSpec(FALLBACK, pattern, pattern, layout, prefix, stages_from_feature_info=False)
+def _refused(model: nn.Module, refusal: Refusal) -> UnknownArchitectureError:
+    return _unknown(model, f"not registered, and the fallback's guess from model.feature_info was refused: {refusal}")
 
 
-def describe_model(model: nn.Module, fallback: bool) -> ModelDescription:
-    """The body of :func:`describe`. :func:`~tdsteer_timm.sites` and :func:`~tdsteer_timm.num_layers` call it
-    directly, so that the fallback's warning (``stacklevel``) points at the user's call in all three."""
+def _wrapped(model: nn.Module, wrapped: Wrapped, fallback: bool) -> Resolved:
+    fn = lookup(wrapped.original) if wrapped.original is not None else None
+    if fn is not None:
+        spec = fn(wrapped.inner)
+        return Resolved(relocate(build(wrapped.inner, spec), wrapped, model), spec.class_token)
+    inner_name = wrapped.original.__name__ if wrapped.original is not None else None
+    if wrapped.reference is None:  # a getter: the wrapped model is a whole timm model
+        inner = resolve(wrapped.inner, fallback)
+        return Resolved(relocate(inner.description, wrapped, model), inner.class_token, inner.guessed, inner_name)
+    if not fallback:
+        raise _unknown(
+            model, f"the {inner_name or 'model'} it wraps is not registered, and fallback=False refuses a guess"
+        )
+    try:
+        found = guess(model, translate=wrapped.translate, reference=wrapped.reference)
+    except Refusal as refusal:
+        raise _refused(model, refusal) from None
+    return Resolved(found.description, found.class_token, found.summary, inner_name)
+
+
+def resolve(model: nn.Module, fallback: bool) -> Resolved:
+    """Describe ``model`` without warning: registered class, ``features_only`` wrapper, or fallback.
+
+    Raises:
+        UnknownArchitectureError: Nothing fits (the message says why).
+        TypeError: ``model`` is not a module.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tdsteer_timm expects a torch.nn.Module, got {type(model).__name__}")
     fn = lookup(model)
     if fn is not None:
-        return _build(model, fn(model))
+        spec = fn(model)
+        return Resolved(build(model, spec), spec.class_token)
+    wrapped = unwrap(model)
+    if wrapped is not None:
+        return _wrapped(model, wrapped, fallback)
     if not fallback:
         raise _unknown(model, "not registered, and fallback=False refuses a guess from model.feature_info")
-    spec = _fallback_spec(model)
-    if spec is None:
-        raise _unknown(model, "not registered, and it has no usable model.feature_info to guess its stages from")
-    found = _build(model, spec, guessed=True)
-    stages = found.of_kind("stage")
-    name = type(model).__name__
-    warn_fallback(
-        ADAPTER,
-        model,
-        f"its blocks and stages are the {len(stages)} {spec.layout} modules listed in model.feature_info "
-        f"({stages[0].path!r} .. {stages[-1].path!r})",
-        f"tdsteer_timm.register_architecture({name}, fn)",
-    )
-    return found
+    try:
+        found = guess(model)
+    except Refusal as refusal:
+        raise _refused(model, refusal) from None
+    return Resolved(found.description, found.class_token, found.summary)
+
+
+def describe_model(model: nn.Module, fallback: bool) -> Resolved:
+    """The body of :func:`describe`. :func:`~tdsteer_timm.sites` and :func:`~tdsteer_timm.num_layers` call it
+    directly, so that the fallback's warning (``stacklevel``) points at the user's call in all three."""
+    resolved = resolve(model, fallback)
+    if resolved.guessed is not None:
+        name = resolved.register or type(model).__name__
+        guessed = resolved.guessed if resolved.register is None else f"{resolved.guessed} (in the {name} it wraps)"
+        warn_fallback(ADAPTER, model, guessed, f"tdsteer_timm.register_architecture({name}, fn)")
+    return resolved
 
 
 def describe(model: nn.Module, *, fallback: bool = True) -> ModelDescription:
     """Every block and stage site of a timm model, with channels, layout and stage: the one builder
     behind :func:`tdsteer_timm.sites`.
 
+    Stage ``i`` is timm's index ``i``: the output of ``model.forward_intermediates(x, indices=[i])``
+    and the module of ``model.feature_info[i]`` (ResNet's stage 0 is the stem, ``act1``). Each block
+    record's ``stage`` is the stage that holds it (or the next stage after it).
+
     Args:
-        model: A timm model (``timm.create_model(...)``) or any module whose class is registered
-            (:func:`tdsteer_timm.register_architecture`).
+        model: A timm model (``timm.create_model(...)``, also with ``features_only=True``) or any
+            module whose class is registered (:func:`tdsteer_timm.register_architecture`).
         fallback: For an unregistered class, guess from the modules listed in ``model.feature_info``
-            (with a ``UserWarning``): they become both the blocks and the stages, with the layout
-            ``NHWC`` if ``model.output_fmt == "NHWC"``, ``NLC`` if the model has ``num_prefix_tokens``,
-            else ``NCHW``. ``False`` refuses to guess.
+            (with a ``UserWarning``): they become both the blocks and the stages. The guess is checked
+            by one ``forward_intermediates`` call on a dummy input, which measures each site's layout
+            (``NCHW``, ``NHWC`` or ``NLC``) and prefix tokens; a guess it cannot confirm is refused.
+            ``False`` refuses to guess.
 
     Returns:
         A :class:`tdsteer.adapter.ModelDescription` (``adapter="tdsteer_timm"``, ``architecture`` the
         family, or ``"feature_info"`` for a guess) with one :class:`tdsteer.adapter.SiteInfo` per block
-        (kind ``"block"``) and per stage (kind ``"stage"``).
+        (kind ``"block"``) and per stage (kind ``"stage"``, ``index`` = timm's index).
 
     Raises:
         tdsteer.errors.UnknownArchitectureError: The class is not registered and ``fallback`` is false,
-            or the fallback finds no ``feature_info``; the message lists the supported classes and
-            how to register one.
+            or the fallback cannot confirm a guess; the message says why, lists the supported classes
+            and how to register one.
         TypeError: ``model`` is not a ``torch.nn.Module``.
 
     Examples:
         >>> import timm
         >>> info = describe(timm.create_model("resnet18", pretrained=False))
         >>> [s.path for s in info.of_kind("stage")]
-        ['layer1', 'layer2', 'layer3', 'layer4']
-        >>> info.of_kind("block")[2].path, info.of_kind("block")[2].num_chs, info.architecture
-        ('layer2.0', 128, 'resnet')
+        ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+        >>> info.of_kind("block")[2].path, info.of_kind("block")[2].num_chs, info.of_kind("block")[2].stage
+        ('layer2.0', 128, 2)
+        >>> info.architecture, info.hidden_size
+        ('resnet', 512)
     """
-    return describe_model(model, fallback)
+    return describe_model(model, fallback).description

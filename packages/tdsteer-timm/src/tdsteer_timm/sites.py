@@ -15,18 +15,25 @@ def num_layers(model: nn.Module, kind: str = DEFAULT_KIND, *, fallback: bool = T
 
     Args:
         model: A timm model (``timm.create_model(..., pretrained=False)`` works offline).
-        kind: ``"block"`` (every block) or ``"stage"`` (the stages timm lists in ``feature_info``).
+        kind: ``"block"`` (every block) or ``"stage"`` (timm's ``forward_intermediates`` outputs, in its order).
         fallback: For an unregistered class, guess from ``model.feature_info`` with a warning
             (see :func:`tdsteer_timm.describe`); ``False`` raises instead.
+
+    Returns:
+        The number of sites of ``kind``: valid ``layers`` run from ``0`` to this minus one.
+
+    Raises:
+        tdsteer.errors.UnknownArchitectureError: The model cannot be placed.
+        ValueError: Unknown ``kind``.
 
     Examples:
         >>> import timm
         >>> num_layers(timm.create_model("resnet18", pretrained=False))
         8
-        >>> num_layers(timm.create_model("resnet18", pretrained=False), "stage")
-        4
+        >>> num_layers(timm.create_model("resnet18", pretrained=False), "stage")  # the stem is stage 0, as in timm
+        5
     """
-    return describe_model(model, fallback).num_layers(kind)
+    return describe_model(model, fallback).description.num_layers(kind)
 
 
 def sites(
@@ -45,7 +52,8 @@ def sites(
             or a slice (``slice(-2, None)``: the last two); the one index rule of
             :func:`tdsteer.take_indices` (not timm's ``feature_take_indices``, where ``n`` means the last n).
         kind: ``"block"`` for block outputs (``blocks.3``, ``layer2.1``, ``stages.1.blocks.0``) or
-            ``"stage"`` for stage outputs (``layer2``, ``stages.1``).
+            ``"stage"`` for the sites of timm's ``forward_intermediates`` outputs, numbered as timm numbers
+            them (ResNet: ``act1``, ``layer1``.. ``layer4``).
         fallback: For an unregistered class, guess from ``model.feature_info`` with a warning
             (see :func:`tdsteer_timm.describe`); ``False`` raises instead.
 
@@ -66,7 +74,7 @@ def sites(
         ['blocks.0', 'blocks.3']
         >>> sites(model, -1)[0].prefix_tokens
         1
-        >>> sites(timm.create_model("resnet18", pretrained=False), 1, kind="stage")[0].path
-        'layer2'
+        >>> sites(timm.create_model("resnet18", pretrained=False), 1, kind="stage")[0].path  # forward_intermediates index 1
+        'layer1'
     """
-    return describe_model(model, fallback).select(layers, kind)
+    return describe_model(model, fallback).description.select(layers, kind)

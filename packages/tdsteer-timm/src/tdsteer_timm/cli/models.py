@@ -32,26 +32,40 @@ def _build(name: str, **kwargs: Any) -> nn.Module:
         raise CLIError(f"timm model {name!r}: {error}") from None
 
 
-def create(name: str, image_size: int | None = None) -> nn.Module:
+def create(name: str, image_size: int | None = None, *, features_only: bool = False) -> nn.Module:
     """Build ``name`` offline with random weights (``pretrained=False``), in eval mode, on the CPU.
 
     Args:
         name: A timm model name.
         image_size: Input resolution; a model built for one size (ViT, Swin) is built for this one,
             a convolutional network takes any size as it is.
+        features_only: Build timm's feature extractor (``features_only=True``) instead of the classifier.
 
     Raises:
         CLIError: timm has no such model, or no such pretrained tag.
     """
     if not is_timm_model(name):
         raise CLIError(f"unknown timm model {name!r}; see timm.list_models()")
+    extra: dict[str, Any] = {"features_only": True} if features_only else {}
     if image_size is not None:
         try:
-            return _build(name, img_size=image_size)
+            return _build(name, img_size=image_size, **extra)
         except TypeError as error:  # the class takes no img_size: it takes any input size
             if "img_size" not in str(error):
                 raise
-    return _build(name)
+    return _build(name, **extra)
+
+
+def architecture_name(model: nn.Module) -> str | None:
+    """The timm architecture a model was built as (``pretrained_cfg["architecture"]``), or ``None``.
+
+    Examples:
+        >>> architecture_name(create("timm/resnet10t.c3_in1k"))
+        'resnet10t'
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _classifier_key(model: nn.Module) -> str | None:
