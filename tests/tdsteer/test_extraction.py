@@ -8,7 +8,7 @@ from tensordict import TensorDict
 from toy_models import ToyLM
 
 import tdsteer
-from tdsteer import ActivationAddition, BatchKeys, Extraction, extract
+from tdsteer import ActivationAddition, BatchKeys, Extraction, Site, extract
 from tdsteer.reading import ReadContext, as_reader
 
 
@@ -251,3 +251,19 @@ def test_activation_addition_tensordict_streams_over_ragged_batches(toy_lm):
     torch.testing.assert_close(out["steer", "module.blocks.1"], expected["blocks.1"], atol=1e-6, rtol=1e-5)
     assert method.vector(toy_lm).metadata["num_examples"] == 4
     assert all(not m._forward_hooks for m in toy_lm.modules())
+
+
+def test_cls_read_is_refused_before_any_forward_where_there_is_no_class_token():
+    calls = []
+    model = torch.nn.Sequential(torch.nn.Identity())
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batches = [{"positive": torch.ones(2, 3, 4), "negative": torch.zeros(2, 3, 4)}]
+    for site, alternative in [
+        (Site("0", class_token=False), "read='patch_mean'"),
+        (Site("0", layout="NCHW"), "read='spatial_mean'"),
+    ]:
+        with pytest.raises(ValueError, match=alternative):
+            extract(model, batches, [site], read="cls", progress=False)
+    assert calls == []
+    read = extract(model, batches, [Site("0", class_token=True)], read="cls", progress=False)
+    assert read["0"].tolist() == [1.0] * 4  # token 0 of the positives minus token 0 of the negatives

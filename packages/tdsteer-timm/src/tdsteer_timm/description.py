@@ -3,7 +3,7 @@ wrapper, or from the checked fallback (:mod:`tdsteer_timm.fallback`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -90,10 +90,22 @@ def resolve(model: nn.Module, fallback: bool) -> Resolved:
     return Resolved(found.description, found.class_token, found.summary)
 
 
+def _mark_class_tokens(resolved: Resolved) -> Resolved:
+    """Set each token site's ``class_token``: token 0 is one when the model has a class token and the
+    site keeps its prefix (CaiT and XCiT blocks have none: their class token joins later)."""
+    sites = tuple(
+        replace(info, site=replace(info.site, class_token=resolved.class_token and info.site.prefix_tokens > 0))
+        if info.site.layout == "NLC"
+        else info
+        for info in resolved.description.sites
+    )
+    return replace(resolved, description=replace(resolved.description, sites=sites))
+
+
 def describe_model(model: nn.Module, fallback: bool) -> Resolved:
     """The body of :func:`describe`. :func:`~tdsteer_timm.sites` and :func:`~tdsteer_timm.num_layers` call it
     directly, so that the fallback's warning (``stacklevel``) points at the user's call in all three."""
-    resolved = resolve(model, fallback)
+    resolved = _mark_class_tokens(resolve(model, fallback))
     if resolved.guessed is not None:
         name = resolved.register or type(model).__name__
         guessed = resolved.guessed if resolved.register is None else f"{resolved.guessed} (in the {name} it wraps)"

@@ -20,7 +20,7 @@ from tdsteer import distributed as parallel
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.batches import batch_size, digest, to_device
 from tdsteer.keys import BatchKeys
-from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, describe_read
+from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, check_read, describe_read
 from tdsteer.sites import Site, SiteLike, as_sites
 from tdsteer.vector import SteeringVector, make_metadata
 
@@ -41,6 +41,7 @@ class SiteRecorder(HookingContextFactory):
     def __init__(self, sites: Sequence[SiteLike], read: ReadLike | Reader = "last", *, stop_early: bool = True):
         super().__init__()
         self.sites = as_sites(sites)
+        check_read(read, self.sites)  # before any forward pass
         self.reader = as_reader(read)
         self.stop_early = stop_early
         self.attention_mask: Tensor | None = None

@@ -9,7 +9,7 @@ the padding side.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -164,9 +164,32 @@ def read_index(h: Tensor, ctx: ReadContext) -> Tensor:
     return _gather(x, real_to_absolute(ctx.index, _mask(x, ctx), ctx.site))
 
 
+def check_read(read: object, sites: Sequence[Site]) -> None:
+    """Refuse, before any forward pass, a named read that cannot apply to a site.
+
+    Raises:
+        ValueError: ``read="cls"`` at a feature map or at a site whose model has no class token; the
+            message names the site and the alternatives.
+    """
+    if read != "cls":
+        return
+    for site in sites:
+        if site.layout != "NLC":
+            raise ValueError(
+                f"read='cls' needs a token sequence, but site {site.key!r} is a {site.layout} feature map; "
+                "use read='spatial_mean'"
+            )
+        if site.class_token is False:
+            raise ValueError(
+                f"read='cls' at site {site.key!r}: this model has no class token there (token 0 is a patch or a "
+                "register); use read='patch_mean' (the mean over patch tokens) or read='mean'"
+            )
+
+
 @register_reader("cls")
 def read_cls(h: Tensor, ctx: ReadContext) -> Tensor:
     """The first prefix token (CLS) of a vision transformer; the first real token of a text model."""
+    check_read("cls", [ctx.site])
     if h.ndim != 3:
         raise ValueError(f"read='cls' needs a token sequence, but site {ctx.site.key!r} has layout {ctx.site.layout}")
     return read_first(h, ctx)

@@ -32,6 +32,9 @@ class Site:
             without positional arguments (``"hidden_states"`` by default).
         name: Key under which a :class:`~tdsteer.SteeringVector` stores this site; defaults to
             ``path`` (with ``#slot`` appended for slots other than ``0``/``None``).
+        class_token: For an ``NLC`` image model: whether token 0 is a class token (``True``), or
+            the model has none (``False``: ``read="cls"`` is refused); ``None`` when unknown (text
+            models, hand-made sites), where ``read="cls"`` reads the first real token.
 
     Examples:
         >>> Site("transformer.h.3").key
@@ -47,6 +50,7 @@ class Site:
     io: Io = "output"
     kwarg: str | None = None
     name: str | None = None
+    class_token: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
@@ -57,6 +61,8 @@ class Site:
             raise TypeError(f"Site {self.path!r}: slot must be an int or None, got {self.slot!r}")
         if self.io not in ("output", "input"):
             raise ValueError(f"Site {self.path!r}: io must be 'output' or 'input', got {self.io!r}")
+        if self.class_token not in (None, True, False):
+            raise TypeError(f"Site {self.path!r}: class_token must be True, False or None, got {self.class_token!r}")
         if self.prefix_tokens < 0:
             raise ValueError(f"Site {self.path!r}: prefix_tokens must be >= 0, got {self.prefix_tokens}")
 
@@ -119,7 +125,7 @@ class Site:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Site:
         """Build a site from :meth:`to_dict` output."""
-        known = {"path", "slot", "layout", "prefix_tokens", "io", "kwarg", "name"}
+        known = {"path", "slot", "layout", "prefix_tokens", "io", "kwarg", "name", "class_token"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Site record has unknown fields {sorted(unknown)}")
