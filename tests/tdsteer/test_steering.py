@@ -118,7 +118,7 @@ def test_per_row_scale_of_wrong_length_is_refused(toy_lm):
     assert _no_hooks(toy_lm)
 
 
-@pytest.mark.parametrize("positions", ["all", "prompt", "generated", 2, "from:6"])
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", "continuation", 2, "from:6"])
 def test_generation_same_with_and_without_cache(toy_lm, positions):
     ids = torch.randint(0, 32, (2, 4))
     v = torch.randn(8) * 4

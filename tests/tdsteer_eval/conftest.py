@@ -16,16 +16,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import tdsteer  # noqa: E402
+from tdsteer_eval import task_manager  # noqa: E402
 from tdsteer_hf.tiny import bpe_tokenizer, tiny_gpt2  # noqa: E402
 
 CORPUS = [
     "Question: What is two plus two?\nAnswer: four",
+    "Choices:\n (A) Yes, I consent to the update.\n (B) No, I would rather keep my goals.\n\nAnswer: (A)",
     "Question: What colour is a clear daytime sky?\nAnswer: blue",
     "The capital of France is Paris. Bees make honey. A week has seven days.",
     "A cat has four legs; a whale is larger than an ant or a mouse. Cold is the opposite of hot.",
     "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
 ] * 4
 SITES = ["transformer.h.0", "transformer.h.1"]
+# Not a doctest module: with --doctest-modules pytest would import this file a second time as "conftest",
+# which clashes with tests/tdsteer/conftest.py when both folders run in one session.
+collect_ignore = ["conftest.py"]
 
 
 @dataclass
@@ -38,7 +43,7 @@ class TinyLM:
 @pytest.fixture(scope="session")
 def tiny() -> TinyLM:
     tokenizer = bpe_tokenizer(CORPUS, vocab_size=320)
-    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=128, seed=0)
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=256, seed=0)
     generator = torch.Generator().manual_seed(1)
     directions = {site: torch.randn(32, generator=generator) for site in SITES}
     vector = tdsteer.SteeringVector(directions, metadata={"model_type": "gpt2", "method": "random"})
@@ -53,3 +58,11 @@ def tiny_dir(tiny: TinyLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny.tokenizer.save_pretrained(folder / "model")
     tiny.vector.save(folder / "vector.safetensors")
     return folder
+
+
+@pytest.fixture(scope="session")
+def caa_requests() -> list[Any]:
+    """The loglikelihood requests of the shipped A/B task (first four items, both answers each)."""
+    task = task_manager(["tdsteer_caa_ab"]).load(["tdsteer_caa_ab"])["tasks"]["tdsteer_caa_ab"]
+    task.build_all_requests(limit=4, rank=0, world_size=1)
+    return list(task.instances)

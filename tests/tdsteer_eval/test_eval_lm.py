@@ -95,7 +95,8 @@ def test_errors_are_clear(tiny: Any) -> None:
 def test_positions_generated_leaves_scoring_alone_and_steers_generation(tiny: Any) -> None:
     plain = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2)
     lm = _steered(tiny, vector=tiny.vector * 10.0, scale=5.0, positions="generated")
-    assert _loglikelihoods(lm) == _loglikelihoods(plain)  # a plain forward has no generated tokens
+    with pytest.warns(UserWarning, match="steers nothing in loglikelihood requests"):
+        assert _loglikelihoods(lm) == _loglikelihoods(plain)  # a plain forward has no generated tokens
     context = torch.tensor([tiny.tokenizer.encode("Question: What is two plus two?\nAnswer:")])
     kwargs: dict[str, Any] = {"max_length": context.shape[1] + 6, "stop": ["\n\n"], "do_sample": False}
     steered = lm._model_generate(context, **kwargs)
@@ -118,3 +119,36 @@ def test_one_request_set_opens_one_steering_context(tiny: Any) -> None:
     lm.steering = original  # type: ignore[method-assign]
     assert batched == _loglikelihoods(_steered(tiny, vector=tiny.vector, scale=4.0))
     assert all(not m._forward_hooks for m in tiny.model.modules())
+
+
+def test_bit_for_bit_with_lm_evals_steered_model(tiny: Any, tiny_dir: Any, tmp_path: Any) -> None:
+    """lm-eval's own ``steered`` model and SteeredLM give the same loglikelihoods, to the bit, from the
+    same vector: exported to lm-eval's .pt file, or that file read back by SteeredLM."""
+    path = str(tiny.vector.to_lm_eval(tmp_path / "steer.pt", scale=3.0, prefix="transformer"))
+    common: dict[str, Any] = {
+        "pretrained": str(tiny_dir / "model"),
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 2,
+    }
+    expected = _loglikelihoods(get_model("steered")(steer_path=path, **common))
+    assert _loglikelihoods(SteeredLM(**common, vector=tiny.vector, scale=3.0)) == expected
+    assert _loglikelihoods(SteeredLM(**common, vector=path)) == expected
+    assert expected != _loglikelihoods(HFLM(**common))
+
+
+def test_clamp_matches_lm_evals_steered_model(tiny: Any, tiny_dir: Any, tmp_path: Any) -> None:
+    """lm-eval's clamp sets the projection on the unit direction to its coefficient: tdsteer's clamp
+    of the normalised vector at that scale (the same up to rounding: the two compute it differently)."""
+    path = str(tiny.vector.to_lm_eval(tmp_path / "clamp.pt", scale=3.0, action="clamp", prefix="transformer"))
+    common: dict[str, Any] = {
+        "pretrained": str(tiny_dir / "model"),
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 2,
+    }
+    expected = [ll for ll, _ in _loglikelihoods(get_model("steered")(steer_path=path, **common))]
+    ours = SteeredLM(**common, vector=tiny.vector.normalize(), scale=3.0, operator="clamp")
+    from_pt = SteeredLM(**common, vector=path, operator="clamp")
+    for lm in (ours, from_pt):
+        torch.testing.assert_close([ll for ll, _ in _loglikelihoods(lm)], expected, rtol=0, atol=1e-4)

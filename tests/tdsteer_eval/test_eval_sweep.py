@@ -61,9 +61,9 @@ def test_sweep_errors(tiny: Any, task_dir: Path) -> None:
     with pytest.raises(TypeError, match="no 'scale'"):
         sweep(plain, DEMO_TASK, [0], include_path=task_dir)
     lm = SteeredLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, vector=tiny.vector)
-    with pytest.raises(ValueError, match="Unknown task"):
-        sweep(lm, "no_such_task", [0], include_path=task_dir)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="unknown task"):
+        sweep(lm, "no_such_task", [0], include_path=task_dir, include_defaults=False)
+    with pytest.raises(ValueError, match="is not a folder"):
         sweep(lm, DEMO_TASK, [0], include_path=task_dir / "missing")
     with pytest.raises(ValueError, match="multiplier"):
         sweep(lm, DEMO_TASK, [], include_path=task_dir)
@@ -78,15 +78,16 @@ def test_write_multiple_choice_task_validates(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("multipliers", [["-2,0,2"], ["-2", "0", "2"]], ids=["comma", "spaces"])
 def test_cli_sweep(tiny_dir: Path, task_dir: Path, tmp_path: Path, multipliers: list[str], capsys: Any) -> None:
-    out = tmp_path / "out.json"
+    out = tmp_path / "out"
     argv = ["sweep", "--model", str(tiny_dir / "model"), "--vector", str(tiny_dir / "vector.safetensors")]
     argv += ["--tasks", DEMO_TASK, "--multipliers", *multipliers, "--include-path", str(task_dir)]
     argv += ["--device", "cpu", "--dtype", "float32", "--limit", "4", "-o", str(out)]
     assert main(argv) == 0
-    records = json.loads(out.read_text())
-    assert sorted({r["multiplier"] for r in records}) == [-2.0, 0.0, 2.0]
-    assert len(records) == 6 and all(math.isfinite(r["value"]) for r in records)
-    assert "Wrote 6 records" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert sorted({r["scale"] for r in data["metrics"]}) == [-2.0, 0.0, 2.0]
+    assert len(data["metrics"]) == 6 and all(math.isfinite(r["value"]) for r in data["metrics"])
+    assert len(data["items"]) == 0  # three choices: no pairwise propensity
+    assert "Wrote " in capsys.readouterr().out
 
 
 def test_cli_demo_task_and_bad_multipliers(tmp_path: Path, capsys: Any) -> None:

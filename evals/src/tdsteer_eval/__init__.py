@@ -1,6 +1,8 @@
 """tdsteer-eval: evaluate tdsteer steering vectors with lm-evaluation-harness.
 
-Importing this package registers the lm-eval model ``"tdsteer"`` (:class:`SteeredLM`).
+Importing this package registers the lm-eval model ``"tdsteer"`` (:class:`SteeredLM`). The shipped
+tasks (:data:`SHIPPED_TASKS`, in :data:`TASKS_DIR`) are on the include path of :func:`task_manager`,
+:func:`sweep`, :func:`run_sweep` and the ``tdsteer eval`` / ``tdsteer sweep`` commands.
 
 Examples:
     >>> import tdsteer_eval
@@ -10,17 +12,35 @@ Examples:
 """
 
 from tdsteer_eval._version import __version__
+from tdsteer_eval.analysis import item_propensities, least_squares_slope, summarize
+from tdsteer_eval.layers import layer_sweep, layer_vectors, record_layers
 from tdsteer_eval.lm import SteeredLM
+from tdsteer_eval.runner import EvalOptions, run_sweep, task_manager
 from tdsteer_eval.sweep import SweepRecord, records_from_results, sweep
+from tdsteer_eval.task_data import BEHAVIOUR_TASKS, SHIPPED_TASKS, TASKS_DIR
 from tdsteer_eval.tasks import DEMO_TASK, write_demo_task, write_multiple_choice_task
+from tdsteer_eval.vectors import load_vector
 
 __all__ = [
+    "BEHAVIOUR_TASKS",
     "DEMO_TASK",
+    "SHIPPED_TASKS",
+    "TASKS_DIR",
+    "EvalOptions",
     "SteeredLM",
     "SweepRecord",
     "__version__",
+    "item_propensities",
+    "layer_sweep",
+    "layer_vectors",
+    "least_squares_slope",
+    "load_vector",
+    "record_layers",
     "records_from_results",
+    "run_sweep",
+    "summarize",
     "sweep",
+    "task_manager",
     "write_demo_task",
     "write_multiple_choice_task",
 ]

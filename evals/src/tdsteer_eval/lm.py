@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +15,51 @@ from torch import Tensor
 import tdsteer
 from tdsteer import SteeringVector
 from tdsteer.checks import Check, as_check
+from tdsteer.operators import as_operator
+from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_policy
+from tdsteer.steering import SteeringHandle
 from tdsteer.vector import VectorSource
+from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
+from tdsteer_eval.vectors import is_lm_eval_file, load_vector
+
+#: Position policies of :class:`SteeredLM`: the core's, plus ``"assistant"``.
+POSITIONS = (*POSITION_POLICIES[:-1], "assistant", POSITION_POLICIES[-1])
+ROW_POLICIES = ("continuation", "assistant")
+
+
+def check_positions(positions: PositionsLike) -> PositionsLike:
+    """The core policy behind a :class:`SteeredLM` policy (``"assistant"`` steers as ``"continuation"``
+    from other starts).
+
+    Raises:
+        ValueError: Not a policy.
+
+    Examples:
+        >>> check_positions("assistant"), check_positions(3)
+        ('continuation', 3)
+    """
+    if positions == "assistant":
+        return "continuation"
+    try:
+        as_policy(positions)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{error}, or 'assistant'") from None
+    return positions
+
+
+def split_sites(sites: Sequence[str] | str | None) -> list[str] | None:
+    """Site keys from a list, or from one string separated by ``|``, ``;`` or spaces (lm-eval's
+    ``model_args`` use commas themselves).
+
+    Examples:
+        >>> split_sites("transformer.h.0|transformer.h.1")
+        ['transformer.h.0', 'transformer.h.1']
+    """
+    if sites is None:
+        return None
+    if isinstance(sites, str):
+        return [part for part in sites.replace("|", " ").replace(";", " ").split() if part]
+    return [str(site) for site in sites]
 
 
 @register_model("tdsteer")
@@ -22,29 +68,31 @@ class SteeredLM(HFLM):
 
     Registered under the name ``"tdsteer"`` when :mod:`tdsteer_eval` is imported, so
     ``lm_eval.simple_evaluate(model="tdsteer", model_args="pretrained=...,vector=vec.safetensors,scale=4")``
-    and ``tdsteer-eval run --model tdsteer --model_args ...`` work. Loglikelihood requests
-    (``_model_call``) and generation (``_model_generate``) run inside :func:`tdsteer.steer`.
-
-    Unlike lm-eval's ``steered`` model, the vector comes from a safetensors file with named sites,
-    any tdsteer operator applies, the steered positions can be limited, and :attr:`scale` can be
-    changed between evaluations (see :func:`tdsteer_eval.sweep`).
+    and ``tdsteer eval run --model tdsteer --model_args ...`` work. Each request set (all loglikelihood
+    requests, all generations) runs in one :func:`tdsteer.steer` context.
 
     Args:
         pretrained: A model id or local directory, or an already-built
             ``transformers.PreTrainedModel`` (then pass ``tokenizer=`` too).
-        vector: A :class:`tdsteer.SteeringVector`, the path of a tdsteer ``.safetensors`` file, or a
-            mapping ``{site path: tensor}``. Site paths are relative to the model root
-            (``transformer.h.3``, ``model.layers.10``).
+        vector: A :class:`tdsteer.SteeringVector`, the path of a tdsteer ``.safetensors`` file or of
+            an lm-eval ``steered`` ``.pt`` file (hookpoints relative to ``model.base_model``), or a
+            mapping ``{site path: tensor}``. Site paths are relative to the model root.
         scale: Multiplier of the vector (``0`` with ``operator="add"`` leaves the model unchanged).
         operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, or a tdsteer operator.
-        positions: ``"all"``, ``"prompt"``, ``"generated"``, an int ``k`` or ``"from:k"``. In a plain
-            forward call (loglikelihood requests) ``"prompt"`` steers every token and
-            ``"generated"`` none.
-        sites: Steer only these site keys of the vector (Python use; lm-eval's ``model_args``
-            strings cannot hold a list).
-        check: What to do when the vector was made for another model type: ``"warn"``, ``"error"``
-            or ``"ignore"``.
-        **kwargs: Passed to ``HFLM`` (``tokenizer``, ``device``, ``dtype``, ``batch_size``...).
+        positions: Which tokens are steered. ``"all"``; ``"continuation"``: in loglikelihood requests
+            the positions whose outputs score the continuation (the last context token and the
+            continuation's tokens but its last), the context before them untouched; in generation
+            the last prompt token and the generated tokens. ``"assistant"``: from the end of the
+            chat template's user turn on (the CAA protocol; the marker's last token), falling back
+            to ``"continuation"`` where no marker is found. ``"prompt"``, ``"generated"``, an int
+            ``k`` or ``"from:k"`` as in :func:`tdsteer.steer` (in loglikelihood requests ``"prompt"``
+            steers every token and ``"generated"`` none: a warning says so).
+        sites: Steer only these site keys of the vector (a list, or one string ``"a|b"``).
+        check: When the vector was made for another model type: ``"warn"``, ``"error"``, ``"ignore"``.
+        assistant_marker: For ``positions="assistant"``: the text that opens the assistant turn
+            (default: taken from the tokenizer's chat template).
+        **kwargs: Passed to ``HFLM`` (``tokenizer``, ``device``, ``dtype``, ``batch_size``,
+            ``parallelize``...).
 
     Raises:
         ValueError: A site of the vector does not exist in the model, or an argument is invalid.
@@ -61,9 +109,10 @@ class SteeredLM(HFLM):
         vector: VectorSource | None = None,
         scale: float = 1.0,
         operator: str | tdsteer.Operator | Callable[..., Tensor] = "add",
-        positions: str | int = "all",
-        sites: Sequence[str] | None = None,
+        positions: PositionsLike = "all",
+        sites: Sequence[str] | str | None = None,
         check: Check = "warn",
+        assistant_marker: str | None = None,
         **kwargs: Any,
     ) -> None:
         if vector is None:
@@ -72,19 +121,56 @@ class SteeredLM(HFLM):
                 "or a tdsteer.SteeringVector"
             )
         as_check(check)
-        loaded = tdsteer.as_vector(vector)  # before the model loads: a bad file fails fast
-        self._steering_open = False
+        self._core_positions = check_positions(positions)
+        as_operator(operator)  # a bad operator fails before the model loads
+        # Before the model loads, so that a bad file fails fast (a .pt file is re-keyed once the model is known).
+        loaded = load_vector(vector)
+        self._handle: SteeringHandle | None = None
+        self._warned: set[str] = set()
         super().__init__(pretrained=pretrained, **kwargs)
-        if sites is not None:
-            loaded = loaded.select(list(sites))
+        self._shard_on_cpus()
+        if is_lm_eval_file(vector):
+            loaded = load_vector(vector, self.model)
+        chosen = split_sites(sites)
+        if chosen is not None:
+            loaded = loaded.select(chosen)
         loaded.validate(self.model, check=check)  # every site resolves; model type checked once
-        self.vector: SteeringVector = loaded
+        self._vector: SteeringVector = loaded
+        self.vector_source = _source_path(vector)
         self.operator = operator
         self.positions = positions
         self.scale = scale
-        # Fail now, not in the middle of an evaluation, on a bad operator or position policy.
-        with self.steering():
+        if self.positions in ROW_POLICIES and self.backend != "causal":
+            raise ValueError(f"positions={positions!r} needs a causal model; this one is {self.backend}")
+        self._marker = assistant_marker_ids(self.tokenizer, assistant_marker) if positions == "assistant" else None
+        with self.steering():  # fail now, not in the middle of an evaluation
             pass
+
+    def _shard_on_cpus(self) -> None:
+        """Under ``accelerate launch`` (or ``torchrun``) on CPUs, give each process its share of the requests.
+
+        ``HFLM`` shards requests over processes only when it sees several GPUs; on CPUs every process
+        would run every request. The processes talk over gloo, as accelerate sets up.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or accelerator.num_processes <= 1 or self.world_size > 1 or self.device.type != "cpu":
+            return
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+
+    @property
+    def vector(self) -> SteeringVector:
+        """The steering vector; assign another one (validated against the model) between evaluations."""
+        return self._vector
+
+    @vector.setter
+    def vector(self, value: VectorSource) -> None:
+        if self._handle is not None:
+            raise RuntimeError("Cannot change the vector while a request set is being evaluated")
+        loaded = load_vector(value, self.model)
+        loaded.validate(self.model, check="ignore")
+        self._vector = loaded
+        self.vector_source = _source_path(value)
 
     @property
     def scale(self) -> float:
@@ -99,42 +185,62 @@ class SteeredLM(HFLM):
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"scale must be finite, got {value}")
         self._scale = value
+        if self._handle is not None:
+            self._handle.set(scale=value)
 
-    def steering(self) -> Any:
+    def steering(self) -> SteeringHandle:
         """The :func:`tdsteer.steer` context this model runs its forward passes in.
 
         Returns:
-            A context manager that steers ``self.model`` while it is open.
+            A :class:`tdsteer.steering.SteeringHandle` that steers ``self.model`` while it is open.
         """
         return tdsteer.steer(
             self.model,
             self.vector,
             scale=self.scale,
             operator=self.operator,
-            positions=self.positions,
+            positions=self._core_positions,
             check="ignore",
         )
 
     @contextmanager
     def _steered(self) -> Iterator[None]:
         """Steer while open; nested uses share the outer context, so each request set opens one."""
-        if self._steering_open:
+        if self._handle is not None:
             yield
             return
-        self._steering_open = True
-        try:
-            with self.steering():
+        handle = self.steering()
+        with handle:
+            self._handle = handle
+            try:
                 yield
-        finally:
-            self._steering_open = False
+            finally:
+                self._handle = None
+
+    def _set_starts(self, starts: Tensor | None) -> None:
+        assert self._handle is not None, "starts are set inside a request set"
+        self._handle.set(starts=starts)
+
+    def _warn_idle(self, request_type: str) -> None:
+        """Warn once per request type when the policy steers nothing in it."""
+        if self.positions == "generated" and request_type not in self._warned:
+            self._warned.add(request_type)
+            warnings.warn(
+                f"positions='generated' steers nothing in {request_type} requests (a scored request generates "
+                "no token); use positions='continuation' to steer the tokens that score the answer",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # A whole request set runs in one context (opening one costs hook registration per site);
     # the per-batch methods open their own when called directly.
     def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._warn_idle("loglikelihood")
         with self._steered():
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._warn_idle("loglikelihood_rolling")
         with self._steered():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
@@ -142,13 +248,60 @@ class SteeredLM(HFLM):
         with self._steered():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
+    def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None) -> Any:
+        if self.positions not in ROW_POLICIES:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        with self._steered():
+            return score_requests(
+                self, requests, self._start_of, self._set_starts, disable_tqdm=disable_tqdm, override_bs=override_bs
+            )
+
+    def _start_of(self, row: list[int], continuation_length: int) -> int:
+        """First steered position of a scored row under the ``continuation`` or ``assistant`` policy."""
+        start = continuation_start(row, continuation_length)
+        if self._marker is None:
+            return start
+        found = marker_start(row, start + 1, self._marker)
+        if found is None:
+            self._missed_marker()
+            return start
+        return found
+
+    def _missed_marker(self) -> None:
+        if "marker" not in self._warned:
+            self._warned.add("marker")
+            warnings.warn(
+                "positions='assistant': no assistant-turn marker in a request (is the chat template applied? "
+                "--apply_chat_template); such requests are steered from the continuation",
+                UserWarning,
+                stacklevel=4,
+            )
+
     def _model_call(self, inps: Tensor, attn_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         with self._steered():
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> Tensor:
         with self._steered():
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            if self._marker is None:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            self._set_starts(self._generation_starts(context))
+            try:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            finally:
+                self._set_starts(None)
+
+    def _generation_starts(self, context: Tensor) -> Tensor:
+        """Per-row assistant starts of a left-padded prompt batch (one read of the prompt tokens)."""
+        assert self._marker is not None
+        width = context.shape[1]
+        starts = []
+        for row in context.tolist():
+            found = marker_start(row, width, self._marker)
+            if found is None:
+                self._missed_marker()
+            starts.append(width - 1 if found is None else found)
+        return context.new_tensor(starts)
 
     def get_model_info(self) -> dict[str, Any]:
         """lm-eval's model information plus the steering settings (stored in the results' ``config``)."""
@@ -161,3 +314,8 @@ class SteeredLM(HFLM):
             tdsteer_vector_method=self.vector.metadata.get("method"),
         )
         return info
+
+
+def _source_path(vector: Any) -> str | None:
+    """The file a vector came from, for the provenance of results (``None``: built in memory)."""
+    return str(vector) if isinstance(vector, (str, os.PathLike)) else None

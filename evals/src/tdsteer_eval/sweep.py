@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypedDict
 
 import lm_eval
 from lm_eval.api.model import LM
-from lm_eval.tasks import TaskManager
+
+from tdsteer_eval.runner import environment_once, task_manager
 
 
 class SweepRecord(TypedDict):
@@ -95,9 +95,10 @@ def sweep(
             restored afterwards), or a factory ``fn(multiplier) -> lm_eval LM``.
         tasks: Task names (a list, or one comma-separated string).
         multipliers: The scales to evaluate, in order (include ``0`` for the unsteered baseline).
-        include_path: Folder(s) of local task YAMLs (see :func:`tdsteer_eval.write_multiple_choice_task`).
-        include_defaults: Also load lm-eval's own task catalogue. ``None``: only when no
-            ``include_path`` is given (loading the catalogue takes a while).
+        include_path: Folder(s) of local task YAMLs (see :func:`tdsteer_eval.write_multiple_choice_task`);
+            the tasks shipped with tdsteer-eval are always included.
+        include_defaults: Also load lm-eval's own task catalogue. ``None``: only when a task is not
+            found in the include paths (loading the catalogue takes seconds).
         limit: At most this many documents per task (a fraction if below 1), as in lm-eval.
         num_fewshot: Few-shot examples per prompt, as in lm-eval.
         log_samples: Keep per-sample outputs in lm-eval (not returned here; off by default).
@@ -105,7 +106,8 @@ def sweep(
 
     Returns:
         One :class:`SweepRecord` ``{multiplier, task, metric, filter, value, stderr}`` per multiplier,
-        task and metric, in the order of ``multipliers``.
+        task and metric, in the order of ``multipliers``. (:func:`tdsteer_eval.run_sweep` also keeps
+        per-item propensities, summaries and plots in a results folder.)
 
     Raises:
         TypeError: ``lm`` is neither a model with a ``scale`` nor a factory.
@@ -140,43 +142,31 @@ def sweep(
     else:
         raise TypeError(f"lm must be a SteeredLM or a factory fn(multiplier) -> LM, got {type(lm).__name__}")
 
-    paths: list[str] | None = None
-    if include_path is not None:
-        items = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-        paths = [str(Path(p).resolve()) for p in items]
-        missing = [p for p in paths if not Path(p).exists()]
-        if missing:
-            raise ValueError(f"include_path {missing} does not exist; write tasks with write_multiple_choice_task")
-    defaults = paths is None if include_defaults is None else include_defaults
-    task_manager = TaskManager(include_path=paths, include_defaults=defaults)
-    unknown = [t for t in task_names if t not in task_manager.all_tasks]
-    if unknown:
-        where = f"in {paths}" + (" or lm-eval's catalogue" if defaults else "") if paths else "in lm-eval's catalogue"
-        raise ValueError(f"Unknown task(s) {unknown}: not found {where}")
-
+    manager = task_manager(task_names, include_path, include_defaults=include_defaults)
     records: list[SweepRecord] = []
     original = getattr(model, "scale", None)
-    try:
-        for multiplier in values:
-            if model is not None:
-                model.scale = multiplier  # type: ignore[attr-defined]
-                current = model
-            else:
-                assert factory is not None
-                current = factory(multiplier)
-            results = lm_eval.simple_evaluate(
-                model=current,
-                tasks=task_names,
-                task_manager=task_manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                log_samples=log_samples,
-                **evaluate_kwargs,
-            )
-            if results is None:  # non-zero ranks of a distributed run
-                continue
-            records.extend(records_from_results(results, multiplier))
-    finally:
-        if model is not None and original is not None:
-            model.scale = original  # type: ignore[attr-defined]
+    with environment_once():
+        try:
+            for multiplier in values:
+                if model is not None:
+                    model.scale = multiplier  # type: ignore[attr-defined]
+                    current = model
+                else:
+                    assert factory is not None
+                    current = factory(multiplier)
+                results = lm_eval.simple_evaluate(
+                    model=current,
+                    tasks=task_names,
+                    task_manager=manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    log_samples=log_samples,
+                    **evaluate_kwargs,
+                )
+                if results is None:  # non-zero ranks of a distributed run
+                    continue
+                records.extend(records_from_results(results, multiplier))
+        finally:
+            if model is not None and original is not None:
+                model.scale = original  # type: ignore[attr-defined]
     return records

@@ -1,26 +1,67 @@
-"""``tdsteer eval``: lm-eval's own command line, with the ``tdsteer`` model registered."""
+"""``tdsteer eval``: lm-eval's own command line, with the ``tdsteer`` model registered and the shipped
+tasks on the include path."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from lm_eval.__main__ import cli_evaluate
+from lm_eval._cli.harness import HarnessCLI
+from lm_eval.utils import setup_logging
 
 import tdsteer_eval  # noqa: F401  (registers the 'tdsteer' model with lm-eval)
 from tdsteer.cli import Command
+from tdsteer_eval.task_data import SHIPPED_TASKS, include_paths
 
 LM_EVAL_COMMANDS = ("run", "ls", "validate")
 
+MODEL_HELP = f"""
+tdsteer model: --model tdsteer --model_args pretrained=NAME,vector=FILE[,...]
+  pretrained=NAME      model id or local directory; HFLM's arguments pass through (dtype=, revision=,
+                       trust_remote_code=True, parallelize=True for a model spread over devices)
+  vector=FILE          steering vector: a tdsteer .safetensors file, or an lm-eval steered .pt file
+  scale=X              multiplier of the vector (default 1; 0 is the unsteered model)
+  operator=NAME        add, ablate, clamp or add_norm (default add)
+  positions=POLICY     all (default), continuation (the tokens that score the answer, or the last
+                       prompt token and the generated ones), assistant (from the end of the chat
+                       template's user turn: CAA), prompt, generated, K or from:K
+  sites=A|B            steer only these sites of the vector (separated by |)
+  check=warn           when the vector was made for another model type: warn, error or ignore
+  assistant_marker=T   for positions=assistant: the text that opens the assistant turn
+Shipped tasks, always included: {", ".join(SHIPPED_TASKS)} (data files: --metadata
+'{{"caa_path": ..., "mwe_path": ..., "text_path": ...}}'). Data parallel: accelerate launch -m tdsteer eval run ...
+"""
+
+
+def harness() -> HarnessCLI:
+    """lm-eval's command line, its ``run`` help extended with the ``tdsteer`` model's arguments."""
+    cli = HarnessCLI()
+    run_parser = cli._subparsers.choices["run"]
+    run_parser.epilog = (run_parser.epilog or "") + MODEL_HELP
+    return cli
+
 
 def run_lm_eval(argv: list[str]) -> int:
-    """Run lm-eval's command line on ``argv`` (``run ...``, ``ls tasks``, ``validate ...``)."""
-    saved = sys.argv
-    sys.argv = ["tdsteer eval", *argv]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
+    """Run lm-eval's command line on ``argv`` (``run ...``, ``ls tasks``, ``validate ...``).
+
+    The shipped tasks' folder is put first on ``--include_path`` (several folders may be given,
+    separated by ``os.pathsep``).
+
+    Returns:
+        ``0`` (lm-eval raises or exits on failure).
+    """
+    setup_logging()  # as lm-eval's own entry point does
+    cli = harness()
+    arguments = list(argv)
+    commands = cli._subparsers.choices
+    if arguments and arguments[0] not in commands and arguments[0] not in ("-h", "--help"):
+        arguments.insert(0, "run")  # lm-eval's legacy form: no subcommand means run
+    if arguments == ["run"]:
+        commands["run"].print_help()
+        return 0
+    args = cli._parser.parse_args(arguments)
+    if hasattr(args, "include_path"):
+        args.include_path = include_paths(args.include_path)
+    cli.execute(args)
     return 0
 
 
@@ -34,10 +75,12 @@ def _unused(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="eval",
-    help="lm-eval's command line (run, ls, validate) with the 'tdsteer' model registered",
+    help="lm-eval's command line (run, ls, validate) with the 'tdsteer' model and tdsteer's tasks",
     description=(
-        "lm-evaluation-harness's own command line with --model tdsteer available, e.g. tdsteer eval run --model "
-        "tdsteer --model_args pretrained=gpt2,vector=v.safetensors,scale=4 --tasks hellaswag"
+        "lm-evaluation-harness's own command line with --model tdsteer available and the tasks shipped with "
+        "tdsteer-eval included, e.g. tdsteer eval run --model tdsteer --model_args "
+        "pretrained=gpt2,vector=v.safetensors,scale=4,positions=continuation --tasks tdsteer_caa_ab. "
+        "'tdsteer eval run --help' lists the tdsteer model arguments."
     ),
     add_arguments=_no_arguments,
     run=_unused,

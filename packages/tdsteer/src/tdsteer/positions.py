@@ -9,6 +9,11 @@ op on the activation's device: no host-device synchronisation.
 
 What a hook gets for a policy is a :data:`Selection`: a mask tensor, or a :class:`Span` when the
 whole call is selected (:attr:`Span.ALL`) or none of it is (:attr:`Span.NONE`) and no mask is needed.
+
+Per-row starts (``positions="continuation"``) are a ``[B]`` tensor of absolute positions that the
+caller sets between calls (:meth:`PositionTracker.set_starts`, or
+:meth:`tdsteer.steering.SteeringHandle.set`); hooks compare them with the call's positions on the
+activation's device, once per model call, and never read them back to the host.
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ class PositionPolicy:
     Args:
         kind: ``"all"``, ``"prompt"`` (tokens of the prompt given to ``generate``; every token of a
             plain forward call), ``"generated"`` (tokens produced by ``generate``; none in a plain
-            forward call) or ``"from"`` (tokens from real position ``start`` on, counted from each
-            row's first non-padding token).
+            forward call), ``"continuation"`` (the positions whose outputs score a continuation:
+            from each row's start on, the starts set per call with
+            :meth:`PositionTracker.set_starts`; without starts, inside ``generate`` the last prompt
+            token and the generated tokens, and nothing in a plain forward call) or ``"from"``
+            (tokens from real position ``start`` on, counted from each row's first non-padding token).
         start: First real position for ``kind="from"``.
     """
 
@@ -61,21 +69,41 @@ class PositionPolicy:
 
     @property
     def is_all(self) -> bool:
+        """Whether every position is selected, so that no position needs tracking."""
         return self.kind == "all" or (self.kind == "from" and self.start == 0)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the policy reads per-row starts (:meth:`PositionTracker.set_starts`)."""
+        return self.kind == "continuation"
 
 
 _FROM = re.compile(r"^from[:_ ]?(\d+)$")
-POSITION_POLICIES = ("all", "prompt", "generated", "from:K (or an int K)")
+_NAMED = ("all", "prompt", "generated", "continuation")
+POSITION_POLICIES = ("all", "prompt", "generated", "continuation", "from:K (or an int K)")
 
 
 def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
-    """Parse a position policy: ``"all"``, ``"prompt"``, ``"generated"``, an int ``k`` or ``"from:k"``.
+    """Parse a position policy: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int
+    ``k`` or ``"from:k"``.
+
+    Args:
+        positions: The policy, by name or as a :class:`PositionPolicy`.
+
+    Returns:
+        The :class:`PositionPolicy`.
+
+    Raises:
+        TypeError: A bool.
+        ValueError: An unknown name or a negative start.
 
     Examples:
         >>> as_policy(3)
         PositionPolicy(kind='from', start=3)
         >>> as_policy("generated").kind
         'generated'
+        >>> as_policy("continuation").per_row
+        True
     """
     if isinstance(positions, PositionPolicy):
         return positions
@@ -86,7 +114,7 @@ def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
             raise ValueError(f"positions={positions}: a start position must be >= 0")
         return PositionPolicy("from", positions)
     if isinstance(positions, str):
-        if positions in ("all", "prompt", "generated"):
+        if positions in _NAMED:
             return PositionPolicy(positions)
         match = _FROM.match(positions)
         if match:
@@ -117,11 +145,14 @@ class PositionTracker:
     """Knows the absolute positions of the current forward call and where the prompt ends.
 
     One tracker serves every hook of one steering context. The root pre-hook refreshes it before
-    each call of the model; the ``generate`` wrapper records the prompt.
+    each call of the model; the ``generate`` wrapper records the prompt; the caller may set per-row
+    starts (:meth:`set_starts`) for ``positions="continuation"``.
     """
 
     def __init__(self) -> None:
         self.start = 0
+        self.starts: Tensor | None = None
+        self._starts_on: dict[torch.device, Tensor] = {}
         self.cache_position: Tensor | None = None
         self.attention_mask: Tensor | None = None
         self.prompt_length: int | None = None
@@ -169,6 +200,57 @@ class PositionTracker:
             yield
         finally:
             self.prompt_length, self.prompt_padding = previous
+
+    # -- set by the caller ------------------------------------------------------------------------
+    def set_starts(self, starts: Tensor | None) -> None:
+        """Set (or clear, with ``None``) the first steered position of each row, for ``"continuation"``.
+
+        Args:
+            starts: ``[B]`` integer tensor of absolute positions (position ``p`` is the ``p``-th token
+                of the padded sequence, as in a KV-cached ``generate``), on any device; it is moved
+                to each activation's device once, not read back. It stays in force for every call
+                until it is changed: set it before each batch.
+
+        Raises:
+            ValueError: Not a 1-D integer tensor.
+
+        Examples:
+            >>> tracker, cpu = PositionTracker(), torch.device("cpu")
+            >>> tracker.set_starts(torch.tensor([1, 3]))
+            >>> tracker.mask(as_policy("continuation"), 4, cpu)
+            tensor([[False,  True,  True,  True],
+                    [False, False, False,  True]])
+        """
+        if starts is not None and (
+            not isinstance(starts, Tensor)
+            or starts.ndim != 1
+            or starts.dtype.is_floating_point
+            or starts.dtype.is_complex
+            or starts.dtype == torch.bool
+        ):
+            shown = f"a {starts.dtype} tensor of shape {tuple(starts.shape)}" if isinstance(starts, Tensor) else starts
+            raise ValueError(f"starts must be a 1-D integer tensor with one position per batch row, got {shown}")
+        self.starts = starts
+        self._starts_on.clear()
+        self._masks.clear()
+
+    def check_rows(self, rows: int, where: str) -> None:
+        """Raise ``ValueError`` when per-row starts are set for another number of rows than ``rows``."""
+        if self.starts is not None and self.starts.shape[0] != rows:
+            raise ValueError(
+                f"Site {where!r}: {self.starts.shape[0]} row starts were set but the batch has {rows} rows; "
+                "set one start per batch row (handle.set(starts=...)) before each call"
+            )
+
+    def row_starts(self, device: torch.device) -> Tensor | None:
+        """The per-row starts on ``device`` (moved there once), or ``None`` when none are set."""
+        if self.starts is None:
+            return None
+        moved = self._starts_on.get(device)
+        if moved is None:
+            moved = self.starts.to(device, non_blocking=True)
+            self._starts_on[device] = moved
+        return moved
 
     # -- used by hooks ----------------------------------------------------------------------------
     def positions(self, length: int, device: torch.device) -> Tensor:
@@ -223,28 +305,26 @@ class PositionTracker:
             <Span.NONE: 'none'>
             >>> tracker.mask(as_policy("from:2"), 4, cpu)
             tensor([[False, False,  True,  True]])
+            >>> tracker.mask(as_policy("continuation"), 4, cpu)  # no starts set, not generating
+            <Span.NONE: 'none'>
         """
         if policy.is_all:
             return Span.ALL
         window = self.window(length)
+        if policy.kind == "continuation":
+            starts = self.row_starts(device)
+            if starts is not None:
+                return self.positions(length, device).unsqueeze(0) >= starts.unsqueeze(-1)
+            if self.prompt_length is None:
+                return Span.NONE  # a plain forward call with no starts scores no continuation
+            # inside generate: the last prompt token (its output scores the first new token) and the new ones
+            return self._split(self.prompt_length - 1, before=False, length=length, device=device, window=window)
         if policy.kind in ("prompt", "generated"):
             if self.prompt_length is None:
                 return Span.ALL if policy.kind == "prompt" else Span.NONE
-            if window is not None:
-                start, stop = window
-                if policy.kind == "prompt":
-                    if stop <= self.prompt_length:
-                        return Span.ALL
-                    if start >= self.prompt_length:
-                        return Span.NONE
-                else:
-                    if start >= self.prompt_length:
-                        return Span.ALL
-                    if stop <= self.prompt_length:
-                        return Span.NONE
-            pos = self.positions(length, device)
-            selected = pos < self.prompt_length if policy.kind == "prompt" else pos >= self.prompt_length
-            return selected.unsqueeze(0)
+            return self._split(
+                self.prompt_length, before=policy.kind == "prompt", length=length, device=device, window=window
+            )
         # "from": real positions counted from each row's first non-padding token
         padding = self.padding(device)
         if padding is None and window is not None:
@@ -257,6 +337,20 @@ class PositionTracker:
         if padding is not None:
             pos = pos - padding.unsqueeze(-1)
         return pos >= policy.start
+
+    def _split(
+        self, boundary: int, *, before: bool, length: int, device: torch.device, window: tuple[int, int] | None
+    ) -> Selection:
+        """Positions before ``boundary`` (``before``) or from it on, the same for every row."""
+        if window is not None:
+            start, stop = window
+            if stop <= boundary:
+                return Span.ALL if before else Span.NONE
+            if start >= boundary:
+                return Span.NONE if before else Span.ALL
+        pos = self.positions(length, device)
+        selected = pos < boundary if before else pos >= boundary
+        return selected.unsqueeze(0)
 
     def real_positions(self, length: int, device: torch.device) -> Tensor:
         """Positions counted from each row's first real token: ``[B, L]`` or ``[1, L]``."""

@@ -1,10 +1,9 @@
-"""Applying steering vectors: the ``SteeringVectors`` hooking context and ``steer``."""
+"""Applying steering vectors: the ``SteeringVectors`` hooking context, ``steer`` and its ``SteeringHandle``."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,35 +21,34 @@ from tdsteer.vector import SteeringVector
 
 
 class _SiteSteerer:
-    """Per-site state of one steering context: the vector cast once per device and dtype."""
+    """Per-site state of one steering context: the vector cast once per device, dtype and scale.
 
-    def __init__(
-        self,
-        site: Site,
-        vector: Tensor | None,
-        operator: Operator,
-        scale: Scale,
-        policy: PositionPolicy,
-        tracker: PositionTracker,
-    ) -> None:
+    The scale and the position policy are read from ``owner`` (the :class:`SteeringVectors`) on every
+    call, so that a change while the context is open applies from the next call on.
+    """
+
+    def __init__(self, site: Site, vector: Tensor | None, operator: Operator, owner: SteeringVectors) -> None:
         self.site = site
         self.vector = vector
         self.operator = operator
-        self.scale = scale
-        self.policy = policy
-        self.tracker = tracker
+        self.owner = owner
+        self.tracker = owner.tracker
         self.positional = vector is not None and vector.ndim == 2
         self.hidden = None if vector is None else int(vector.shape[-1])
         self._fast_add = isinstance(operator, Add) and vector is not None and not self.positional
         self._cast: dict[tuple[torch.device, torch.dtype, int], tuple[Tensor | None, Scale, Tensor | None]] = {}
+        self._scale_seen = owner.scale_version
 
     def _prepared(self, x: Tensor) -> tuple[Tensor | None, Scale, Tensor | None]:
         """Vector and scale cast to ``x``'s device and dtype, and the ``scale * v`` of ``add``, cached."""
+        if self._scale_seen != self.owner.scale_version:  # the scale changed while open
+            self._cast.clear()
+            self._scale_seen = self.owner.scale_version
         key = (x.device, x.dtype, x.ndim)
         prepared = self._cast.get(key)
         if prepared is None:
             wide_vector = None if self.vector is None else self.vector.to(x.device)
-            wide_scale = self.scale
+            wide_scale = self.owner.scale
             if isinstance(wide_scale, Tensor):
                 wide_scale = wide_scale.to(x.device)
                 if wide_scale.ndim == 1:
@@ -71,16 +69,19 @@ class _SiteSteerer:
                 f"{h.shape[self.site.channel_dim]} channels (shape {tuple(h.shape)}); the vector was made for "
                 "another model or another site"
             )
-        if isinstance(self.scale, Tensor) and self.scale.ndim == 1 and self.scale.shape[0] != h.shape[0]:
+        scale, policy = self.owner.scale, self.owner.policy
+        if isinstance(scale, Tensor) and scale.ndim == 1 and scale.shape[0] != h.shape[0]:
             raise ValueError(
-                f"Site {self.site.key!r}: scale has {self.scale.shape[0]} values but the batch has {h.shape[0]} rows; "
+                f"Site {self.site.key!r}: scale has {scale.shape[0]} values but the batch has {h.shape[0]} rows; "
                 "pass a float or one scale per batch row"
             )
         channels_first = self.site.layout == "NCHW"
         x = h.movedim(1, -1) if channels_first else h
         mask: Tensor | None = None
-        if not self.policy.is_all:
-            selected = self.tracker.weights(self.policy, x.shape[1], x.device, x.dtype)
+        if policy.per_row:
+            self.tracker.check_rows(x.shape[0], self.site.key)
+        if not policy.is_all:
+            selected = self.tracker.weights(policy, x.shape[1], x.device, x.dtype)
             # a mask, Span.NONE or Span.ALL (no mask); the tensor test first, as an enum attribute is slower
             if isinstance(selected, Tensor):
                 mask = selected
@@ -122,7 +123,11 @@ class SteeringVectors(HookingContextFactory):
         scale: Float, or a tensor with one value per batch row.
         operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, an operator object, or a
             callable ``fn(h, v, scale) -> h``.
-        positions: ``"all"``, ``"prompt"``, ``"generated"``, an int ``k`` or ``"from:k"``.
+        positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int ``k`` or
+            ``"from:k"``.
+        track_positions: Track positions (a root hook, a ``generate`` wrapper) even when
+            ``positions`` does not need it, so that :meth:`set_positions` may switch to a policy
+            that does while open. ``None``: only when needed.
 
     Examples:
         >>> import torch
@@ -145,6 +150,7 @@ class SteeringVectors(HookingContextFactory):
         scale: Scale = 1.0,
         operator: str | Operator | Callable[..., Tensor] = "add",
         positions: PositionsLike | PositionPolicy = "all",
+        track_positions: bool | None = None,
     ) -> None:
         super().__init__()
         self.sites = as_sites(modules_to_steer)
@@ -159,14 +165,52 @@ class SteeringVectors(HookingContextFactory):
         else:
             op = as_operator(operator)
             self._operators = {s.key: op for s in self.sites}
+        self._check_layouts(self.policy)
+        self.tracker = PositionTracker()
+        self.scale_version = 0  # bumped by set_scale: the hooks recompute their cast scale * v
+        self._track = track_positions
+        self._tracking: bool | None = None  # whether the prepared hooks track positions (None: not prepared)
+
+    def _check_layouts(self, policy: PositionPolicy) -> None:
         for site in self.sites:
             vector = self._vectors[site.key]
-            if site.layout != "NLC" and (not self.policy.is_all or (vector is not None and vector.ndim == 2)):
+            if site.layout != "NLC" and (not policy.is_all or (vector is not None and vector.ndim == 2)):
                 raise ValueError(
                     f"Site {site.key!r} has layout {site.layout}: position policies and per-position vectors "
                     "apply to token sequences (NLC) only; use positions='all' and a [C] vector"
                 )
-        self.tracker = PositionTracker()
+
+    def _needs_positions(self) -> bool:
+        if self._track:
+            return True
+        return not (self.policy.is_all and all(v is None or v.ndim == 1 for v in self._vectors.values()))
+
+    # -- changes while open: read by the hooks from their next call on -----------------------------
+    def set_scale(self, scale: Scale) -> None:
+        """Steer with ``scale`` (a float, or one value per batch row) from the next call on."""
+        self.scale = _check_scale(scale)
+        self.scale_version += 1
+
+    def set_positions(self, positions: PositionsLike | PositionPolicy) -> None:
+        """Steer the positions of ``positions`` from the next call on.
+
+        Raises:
+            ValueError: An unknown policy, a policy on a non-token site, or one that needs position
+                tracking in a context prepared without it (see ``track_positions``).
+        """
+        policy = as_policy(positions)
+        self._check_layouts(policy)
+        if self._tracking is False and not policy.is_all:
+            raise ValueError(
+                f"positions={positions!r} needs position tracking, which this context was opened without "
+                "(its policy was 'all'); open it with track_positions=True to change the policy while it is open"
+            )
+        self.policy = policy
+        self.tracker.set_starts(self.tracker.starts)  # drop masks built for the old policy
+
+    def set_starts(self, starts: Tensor | None) -> None:
+        """Per-row first steered positions for ``"continuation"`` (:meth:`PositionTracker.set_starts`)."""
+        self.tracker.set_starts(starts)
 
     def _match_vectors(self, vectors: Mapping[str, Tensor] | Sequence[Tensor]) -> dict[str, Tensor | None]:
         if isinstance(vectors, Mapping):
@@ -193,13 +237,12 @@ class SteeringVectors(HookingContextFactory):
             root = program.resolve_path(module.hook_root, "", relative_path=module.relative_path)
             for site in self.sites:
                 site.module(root)  # a clear error naming the site before anything is installed
-            needs_positions = not (self.policy.is_all and all(v is None or v.ndim == 1 for v in self._vectors.values()))
+            needs_positions = self._needs_positions()
+            self._tracking = needs_positions
             if needs_positions:
                 self._observe_root(program, module, tracker)
             for site in self.sites:
-                steerer = _SiteSteerer(
-                    site, self._vectors[site.key], self._operators[site.key], self.scale, self.policy, tracker
-                )
+                steerer = _SiteSteerer(site, self._vectors[site.key], self._operators[site.key], self)
                 if site.io == "output":
                     hook = HookFactory.make_setting_hook(None, callback=_output_callback(site, steerer))
                     spec = HookSpec(site.path, "steer", "fwd")
@@ -287,7 +330,80 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-@contextmanager
+_UNSET: Any = object()
+
+
+class SteeringHandle:
+    """What :func:`steer` returns: a steering context that can change while it is open.
+
+    ``with handle as model:`` installs the hooks and yields the model; ``handle.set(...)`` changes
+    the scale, the position policy or the per-row starts of the next calls, open or not, without
+    re-installing hooks. On exit, and on any exception, every hook is removed and the starts are
+    cleared. A handle can be opened again after it has closed. :func:`steer` has an example.
+
+    Args:
+        model: The model to steer.
+        factory: The :class:`SteeringVectors` that hooks it.
+    """
+
+    def __init__(self, model: nn.Module, factory: SteeringVectors) -> None:
+        self.model = model
+        self.factory = factory
+        self._context: Any = None
+
+    @property
+    def scale(self) -> Scale:
+        """The scale of the next calls."""
+        return self.factory.scale
+
+    @property
+    def starts(self) -> Tensor | None:
+        """The per-row starts of the next calls (``positions="continuation"``), or ``None``."""
+        return self.factory.tracker.starts
+
+    def set(
+        self,
+        *,
+        scale: Scale = _UNSET,
+        positions: PositionsLike | PositionPolicy = _UNSET,
+        starts: Tensor | None = _UNSET,
+    ) -> None:
+        """Change the steering of the next calls.
+
+        Args:
+            scale: A new scale (float, or one value per batch row).
+            positions: A new position policy (from ``"all"`` to another one only when the handle was
+                made with ``track_positions=True``).
+            starts: ``[B]`` absolute first steered position of each row for ``"continuation"``
+                (``None`` clears them); see :meth:`tdsteer.positions.PositionTracker.set_starts`.
+
+        Raises:
+            TypeError, ValueError: A bad value.
+        """
+        if positions is not _UNSET:
+            self.factory.set_positions(positions)
+        if scale is not _UNSET:
+            self.factory.set_scale(scale)
+        if starts is not _UNSET:
+            self.factory.set_starts(starts)
+
+    def __enter__(self) -> nn.Module:
+        if self._context is not None:
+            raise RuntimeError("This steering context is already open")
+        context = self.factory.prepare(self.model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are hooking a ModuleList")
+            context.__enter__()
+        self._context = context
+        return self.model
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        context, self._context = self._context, None
+        self.factory.set_starts(None)
+        if context is not None:
+            context.__exit__(exc_type, exc, traceback)
+
+
 def steer(
     model: nn.Module,
     vector: SteeringVector | Mapping[Any, Tensor],
@@ -297,12 +413,13 @@ def steer(
     positions: PositionsLike | PositionPolicy = "all",
     sites: Sequence[SiteLike] | None = None,
     check: Check = "warn",
-) -> Iterator[nn.Module]:
+    track_positions: bool | None = None,
+) -> SteeringHandle:
     """Steer ``model`` with ``vector`` while the ``with`` block runs.
 
     Every call of the model inside the block (forward, ``generate``) is steered; on exit, and on any
     exception, every hook is removed. Contexts nest: the inner context's operator applies after the
-    outer one's.
+    outer one's. Keep the returned :class:`SteeringHandle` to change the steering while it is open.
 
     Args:
         model: The model to steer (the same root the vector's site paths are relative to).
@@ -313,15 +430,23 @@ def steer(
             ``"clamp"`` (set the projection to that of ``scale*v``), ``"add_norm"`` (add, then restore
             each token's norm), an operator object (:mod:`tdsteer.operators`) or a callable
             ``fn(h, v, scale) -> h``.
-        positions: ``"all"``, ``"prompt"``, ``"generated"``, an int ``k`` or ``"from:k"`` (real
-            positions ``>= k``, counted from each row's first non-padding token). They mean the
-            same with and without a KV cache.
+        positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int ``k`` or
+            ``"from:k"`` (real positions ``>= k``, counted from each row's first non-padding token).
+            ``"continuation"`` steers each row from its start on, set per batch with
+            ``handle.set(starts=...)``; without starts it steers, inside ``generate``, the last prompt
+            token and the generated tokens, and nothing in a plain forward call. Every policy means
+            the same with and without a KV cache.
         sites: Steer only these sites of the vector.
         check: For a :class:`~tdsteer.SteeringVector`: what to do when it was made for another model
             type (``"warn"``, ``"error"`` or ``"ignore"``); see :meth:`SteeringVector.validate`.
+        track_positions: Track positions even when ``positions`` does not need it, so that
+            ``handle.set(positions=...)`` may leave ``"all"`` while open (``None``: when needed).
 
-    Yields:
-        The model itself, steered until the block ends.
+    Returns:
+        A :class:`SteeringHandle`; ``with`` it yields the model itself, steered until the block ends.
+
+    Raises:
+        ValueError: A site that does not resolve, an unknown operator or policy, a bad vector.
 
     Examples:
         >>> import torch
@@ -332,6 +457,19 @@ def steer(
         ...     y = model[0](x)
         >>> torch.allclose(y, model[0](x) - 1)
         True
+
+        Per-row starts and a new scale while open:
+
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> x = torch.zeros(2, 3, 1)  # two rows of three tokens, one channel
+        >>> handle = tdsteer.steer(model, {"0": torch.ones(1)}, positions="continuation")
+        >>> with handle:
+        ...     handle.set(starts=torch.tensor([1, 2]))  # row 0 from position 1 on, row 1 from 2 on
+        ...     once = model(x)
+        ...     handle.set(scale=2.0)
+        ...     twice = model(x)
+        >>> once[..., 0].tolist(), twice[..., 0].tolist()
+        ([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]], [[0.0, 2.0, 2.0], [0.0, 0.0, 2.0]])
     """
     if isinstance(vector, SteeringVector):
         chosen = vector if sites is None else vector.select(sites)
@@ -346,15 +484,7 @@ def steer(
             site_list = [s for s in site_list if s.key in wanted]
     else:
         raise TypeError(f"vector must be a SteeringVector or a mapping of site -> tensor, got {type(vector).__name__}")
-    factory = SteeringVectors(site_list, vectors=tensors, scale=scale, operator=operator, positions=positions)
-    context = factory.prepare(model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You are hooking a ModuleList")
-        context.__enter__()
-    try:
-        yield model
-    except BaseException as error:
-        context.__exit__(type(error), error, error.__traceback__)
-        raise
-    else:
-        context.__exit__(None, None, None)
+    factory = SteeringVectors(
+        site_list, vectors=tensors, scale=scale, operator=operator, positions=positions, track_positions=track_positions
+    )
+    return SteeringHandle(model, factory)
