@@ -18,7 +18,7 @@ import tdsteer
 import tdsteer_hf
 
 MODELS = ["gpt2", "llama", "gpt_neox", "falcon"]
-POLICIES: list[Any] = ["all", "prompt", "generated", 2]
+POLICIES: list[Any] = ["all", "prompt", "generated", "continuation", 2]
 NEW_TOKENS = 6
 PAD = 0
 

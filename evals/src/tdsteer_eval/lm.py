@@ -15,9 +15,9 @@ from torch import Tensor
 import tdsteer
 from tdsteer import SteeringVector
 from tdsteer.checks import Check, as_check
+from tdsteer.handle import SteeringHandle
 from tdsteer.operators import as_operator
 from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_policy
-from tdsteer.steering import SteeringHandle
 from tdsteer.vector import VectorSource
 from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
 from tdsteer_eval.vectors import is_lm_eval_file, load_vector
@@ -192,7 +192,7 @@ class SteeredLM(HFLM):
         """The :func:`tdsteer.steer` context this model runs its forward passes in.
 
         Returns:
-            A :class:`tdsteer.steering.SteeringHandle` that steers ``self.model`` while it is open.
+            A :class:`tdsteer.SteeringHandle` that steers ``self.model`` while it is open.
         """
         return tdsteer.steer(
             self.model,

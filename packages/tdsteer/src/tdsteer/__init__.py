@@ -17,13 +17,14 @@ from tdsteer.aggregators import (
 from tdsteer.cache import ActivationCache, ActivationCacheError
 from tdsteer.errors import SteeringVectorFileError, UnknownArchitectureError
 from tdsteer.extraction import Extraction, SiteRecorder, extract
+from tdsteer.handle import SteeringHandle, steer
 from tdsteer.indices import parse_indices, take_indices
 from tdsteer.keys import BatchKeys
 from tdsteer.operators import Ablate, Add, AddNorm, Clamp, Custom, Operator, register_operator
 from tdsteer.positions import PositionPolicy
 from tdsteer.reading import ReadContext, TokenReading, register_reader
 from tdsteer.sites import Site, as_site, as_sites
-from tdsteer.steering import SteeringVectors, steer
+from tdsteer.steering import SteeringVectors
 from tdsteer.vector import SteeringVector, as_vector
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "Site",
     "SteeringVector",
     "SteeringVectorFileError",
+    "SteeringHandle",
     "SteeringVectors",
     "__version__",
     "as_site",

@@ -12,7 +12,7 @@ whole call is selected (:attr:`Span.ALL`) or none of it is (:attr:`Span.NONE`) a
 
 Per-row starts (``positions="continuation"``) are a ``[B]`` tensor of absolute positions that the
 caller sets between calls (:meth:`PositionTracker.set_starts`, or
-:meth:`tdsteer.steering.SteeringHandle.set`); hooks compare them with the call's positions on the
+:meth:`tdsteer.SteeringHandle.set`); hooks compare them with the call's positions on the
 activation's device, once per model call, and never read them back to the host.
 """
 

@@ -41,7 +41,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--operator", choices=sorted(OPERATORS), default="add", help="how the vector acts (default: add)"
     )
     parser.add_argument(
-        "--positions", default="all", help="steered tokens: all, prompt, generated, K or from:K (default: all)"
+        "--positions",
+        default="all",
+        help="steered tokens: all, prompt, generated, continuation, K or from:K (default: all)",
     )
     parser.add_argument("--sites", default=None, help="steer only these comma-separated sites of the vector")
     add_check_option(parser)

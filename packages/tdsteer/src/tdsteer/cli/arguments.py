@@ -73,7 +73,7 @@ def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
 
 
 def parse_positions(value: str, option: str = "--positions") -> PositionsLike:
-    """A position policy: ``all``, ``prompt``, ``generated``, ``K`` or ``from:K`` (:func:`tdsteer.steer`).
+    """A position policy: ``all``, ``prompt``, ``generated``, ``continuation``, ``K`` or ``from:K`` (:func:`tdsteer.steer`).
 
     Raises:
         CLIError: Not a policy.

@@ -1,0 +1,175 @@
+"""``tdsteer.steer`` and the :class:`SteeringHandle` it returns: a steering context that can change while open."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from tdsteer.checks import Check
+from tdsteer.operators import Operator, Scale
+from tdsteer.positions import PositionPolicy, PositionsLike
+from tdsteer.sites import Site, SiteLike, as_site, as_sites
+from tdsteer.steering import SteeringVectors
+from tdsteer.vector import SteeringVector
+
+_UNSET: Any = object()
+
+
+class SteeringHandle:
+    """What :func:`steer` returns: a steering context that can change while it is open.
+
+    ``with handle as model:`` installs the hooks and yields the model; ``handle.set(...)`` changes
+    the scale, the position policy or the per-row starts of the next calls, open or not, without
+    re-installing hooks. On exit, and on any exception, every hook is removed and the starts are
+    cleared. A handle can be opened again after it has closed. :func:`steer` has an example.
+
+    Args:
+        model: The model to steer.
+        factory: The :class:`SteeringVectors` that hooks it.
+    """
+
+    def __init__(self, model: nn.Module, factory: SteeringVectors) -> None:
+        self.model = model
+        self.factory = factory
+        self._context: Any = None
+
+    @property
+    def scale(self) -> Scale:
+        """The scale of the next calls."""
+        return self.factory.scale
+
+    @property
+    def starts(self) -> Tensor | None:
+        """The per-row starts of the next calls (``positions="continuation"``), or ``None``."""
+        return self.factory.tracker.starts
+
+    def set(
+        self,
+        *,
+        scale: Scale = _UNSET,
+        positions: PositionsLike | PositionPolicy = _UNSET,
+        starts: Tensor | None = _UNSET,
+    ) -> None:
+        """Change the steering of the next calls.
+
+        Args:
+            scale: A new scale (float, or one value per batch row).
+            positions: A new position policy (from ``"all"`` to another one only when the handle was
+                made with ``track_positions=True``).
+            starts: ``[B]`` absolute first steered position of each row for ``"continuation"``
+                (``None`` clears them); see :meth:`tdsteer.positions.PositionTracker.set_starts`.
+
+        Raises:
+            TypeError, ValueError: A bad value.
+        """
+        if positions is not _UNSET:
+            self.factory.set_positions(positions)
+        if scale is not _UNSET:
+            self.factory.set_scale(scale)
+        if starts is not _UNSET:
+            self.factory.set_starts(starts)
+
+    def __enter__(self) -> nn.Module:
+        if self._context is not None:
+            raise RuntimeError("This steering context is already open")
+        context = self.factory.prepare(self.model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are hooking a ModuleList")
+            context.__enter__()
+        self._context = context
+        return self.model
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        context, self._context = self._context, None
+        self.factory.set_starts(None)
+        if context is not None:
+            context.__exit__(exc_type, exc, traceback)
+
+
+def steer(
+    model: nn.Module,
+    vector: SteeringVector | Mapping[Any, Tensor],
+    *,
+    scale: Scale = 1.0,
+    operator: str | Operator | Callable[..., Tensor] = "add",
+    positions: PositionsLike | PositionPolicy = "all",
+    sites: Sequence[SiteLike] | None = None,
+    check: Check = "warn",
+    track_positions: bool | None = None,
+) -> SteeringHandle:
+    """Steer ``model`` with ``vector`` while the ``with`` block runs.
+
+    Every call of the model inside the block (forward, ``generate``) is steered; on exit, and on any
+    exception, every hook is removed. Contexts nest: the inner context's operator applies after the
+    outer one's. Keep the returned :class:`SteeringHandle` to change the steering while it is open.
+
+    Args:
+        model: The model to steer (the same root the vector's site paths are relative to).
+        vector: A :class:`~tdsteer.SteeringVector`, or a mapping ``{site or path: tensor}``.
+        scale: Float multiplier, or a 1-D tensor with one value per batch row (a whole multiplier
+            sweep in one batch).
+        operator: ``"add"`` (``h + scale*v``), ``"ablate"`` (remove the projection on ``v``),
+            ``"clamp"`` (set the projection to that of ``scale*v``), ``"add_norm"`` (add, then restore
+            each token's norm), an operator object (:mod:`tdsteer.operators`) or a callable
+            ``fn(h, v, scale) -> h``.
+        positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int ``k`` or
+            ``"from:k"`` (real positions ``>= k``, counted from each row's first non-padding token).
+            ``"continuation"`` steers each row from its start on, set per batch with
+            ``handle.set(starts=...)``; without starts it steers, inside ``generate``, the last prompt
+            token and the generated tokens, and nothing in a plain forward call. Every policy means
+            the same with and without a KV cache.
+        sites: Steer only these sites of the vector.
+        check: For a :class:`~tdsteer.SteeringVector`: what to do when it was made for another model
+            type (``"warn"``, ``"error"`` or ``"ignore"``); see :meth:`SteeringVector.validate`.
+        track_positions: Track positions even when ``positions`` does not need it, so that
+            ``handle.set(positions=...)`` may leave ``"all"`` while open (``None``: when needed).
+
+    Returns:
+        A :class:`SteeringHandle`; ``with`` it yields the model itself, steered until the block ends.
+
+    Raises:
+        ValueError: A site that does not resolve, an unknown operator or policy, a bad vector.
+
+    Examples:
+        >>> import torch
+        >>> import tdsteer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+        >>> x = torch.randn(2, 3)
+        >>> with tdsteer.steer(model, {"0": torch.ones(3)}, scale=-1.0):
+        ...     y = model[0](x)
+        >>> torch.allclose(y, model[0](x) - 1)
+        True
+
+        Per-row starts and a new scale while open:
+
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> x = torch.zeros(2, 3, 1)  # two rows of three tokens, one channel
+        >>> handle = tdsteer.steer(model, {"0": torch.ones(1)}, positions="continuation")
+        >>> with handle:
+        ...     handle.set(starts=torch.tensor([1, 2]))  # row 0 from position 1 on, row 1 from 2 on
+        ...     once = model(x)
+        ...     handle.set(scale=2.0)
+        ...     twice = model(x)
+        >>> once[..., 0].tolist(), twice[..., 0].tolist()
+        ([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]], [[0.0, 2.0, 2.0], [0.0, 0.0, 2.0]])
+    """
+    if isinstance(vector, SteeringVector):
+        chosen = vector if sites is None else vector.select(sites)
+        chosen.validate(model, check=check)
+        site_list: list[Site] = list(chosen.sites.values())
+        tensors: dict[str, Tensor] = dict(chosen.directions)
+    elif isinstance(vector, Mapping):
+        site_list = as_sites(list(vector.keys()))
+        tensors = {as_site(k).key: v for k, v in vector.items()}
+        if sites is not None:
+            wanted = {as_site(s).key for s in sites}
+            site_list = [s for s in site_list if s.key in wanted]
+    else:
+        raise TypeError(f"vector must be a SteeringVector or a mapping of site -> tensor, got {type(vector).__name__}")
+    factory = SteeringVectors(
+        site_list, vectors=tensors, scale=scale, operator=operator, positions=positions, track_positions=track_positions
+    )
+    return SteeringHandle(model, factory)
