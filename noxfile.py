@@ -54,6 +54,7 @@ DEV_TOOLS = [
     "ruff==0.17.6",
     "mypy==2.4.1",
     "pytest>=8.0",
+    "hypothesis>=6",
     "sphinx>=7.2",
     "furo>=2024.1",
     "myst-parser>=3.0",

@@ -120,8 +120,8 @@ def test_mismatched_settings_are_refused(model, tmp_path):
         ActivationCache.record(other, batches, SITES, path=path, progress=False)
     with pytest.raises(ActivationCacheError, match="data differs"):
         ActivationCache.record(model, make_batches(seed=1), SITES, path=path, progress=False)
-    wide = ToyLM(hidden=12).eval()
-    with pytest.raises(ActivationCacheError, match="hidden sizes"):
+    wide = ToyLM(hidden=12).eval()  # other shapes: other weights, before the hidden sizes are even read
+    with pytest.raises(ActivationCacheError, match="other weights"):
         ActivationCache.record(wide, make_batches(n=8), SITES, path=path, progress=False)
 
 

@@ -9,6 +9,15 @@ class SteeringVectorFileError(ValueError):
     """A steering-vector file is missing, truncated, corrupted or not a tdsteer file."""
 
 
+class ActivationCacheError(ValueError):
+    """A cache that cannot be opened, resumed or appended to as asked.
+
+    Raised for a folder that is not a cache, truncated or corrupted files (a failed checksum), a
+    resume with other data, another model or other settings, and a folder that another process is
+    recording into; the message names the folder and what to do.
+    """
+
+
 class UnknownArchitectureError(ValueError):
     """An adapter does not know where the sites of a model are.
 

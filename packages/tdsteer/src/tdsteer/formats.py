@@ -1,13 +1,19 @@
-"""Interchange formats: lm-eval's ``steered`` ``.pt`` files and llama.cpp GGUF control vectors.
+"""The files of a vector: tdsteer's safetensors files, lm-eval's ``steered`` ``.pt`` files and llama.cpp
+GGUF control vectors.
 
-Both are data, never code: ``.pt`` files are read with ``torch.load(weights_only=True)``, so a pickle
-that would run code is refused. These functions read and write the parts of a vector (directions,
-sites, metadata); :class:`tdsteer.SteeringVector` wraps them as ``to_lm_eval`` / ``from_lm_eval`` /
-``to_gguf`` / ``from_gguf``.
+All are data, never code: ``.pt`` files are read with ``torch.load(weights_only=True)``, so a pickle
+that would run code is refused, and every header is checked field by field. All are written
+atomically (:func:`tdsteer.safe_io.atomic_path`), and none is written with, or read into, a NaN or
+infinite direction. tdsteer's own files carry a CRC-32 of their header and of each tensor (format
+2; format-1 files load without the check). These functions read and write the parts of a vector
+(directions, sites, metadata); :class:`tdsteer.SteeringVector` wraps them as ``save`` / ``load``,
+``to_lm_eval`` / ``from_lm_eval`` and ``to_gguf`` / ``from_gguf``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import re
@@ -16,12 +22,30 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from tdsteer.errors import SteeringVectorFileError
+from tdsteer.safe_io import (
+    atomic_path,
+    check_vector_metadata,
+    crc32_of,
+    json_default,
+    parse_json,
+    require_finite,
+    short_repr,
+    site_from_record,
+)
 from tdsteer.sites import Site
 
+FORMAT = "tdsteer.steering_vector"
+FORMAT_VERSION = 2  # 2: CRC-32 of the header and of every tensor
+HEADER_KEY = "tdsteer"
+CHECKSUM_KEY = "tdsteer.crc32"  # CRC-32 of the header JSON, beside it in the safetensors metadata
 _TRAILING_INDEX = re.compile(r"(\d+)$")
+_GGUF_FLOAT_TYPES = ("F32", "F16", "F64")
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class VectorParts(NamedTuple):
@@ -40,6 +64,83 @@ def _strip(path: str, prefix: str) -> str:
     return path
 
 
+def save_safetensors(
+    directions: Mapping[str, Tensor],
+    sites: Mapping[str, Site],
+    metadata: Mapping[str, Any],
+    path: str | os.PathLike[str],
+) -> Path:
+    """Write a tdsteer vector file: the tensors, and the sites, metadata and checksums as JSON in the header.
+
+    Args:
+        directions: Site key -> direction.
+        sites: Site key -> site.
+        metadata: JSON-compatible record (tensors, paths and non-finite floats are converted).
+        path: Destination ``.safetensors`` file, written atomically.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: A direction holds NaN or infinite values (nothing is written).
+    """
+    path = Path(path)
+    require_finite(directions, f"save {str(path)!r}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in directions.items()}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sites": {k: s.to_dict() for k, s in sites.items()},
+        "metadata": dict(metadata),
+        "crc32": {k: crc32_of(t) for k, t in tensors.items()},
+    }
+    raw = json.dumps(header, default=json_default)
+    stored = {HEADER_KEY: raw, CHECKSUM_KEY: f"{crc32_of(raw.encode('utf-8')):08x}"}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=stored)
+    return path
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> VectorParts:
+    """Read a tdsteer vector file (on the CPU), checking its header, checksums and directions.
+
+    Args:
+        path: The ``.safetensors`` file.
+
+    Returns:
+        The directions, sites and metadata.
+
+    Raises:
+        SteeringVectorFileError: Missing, truncated, corrupted (a failed checksum), not a tdsteer
+            file, or a direction that is not a finite floating-point ``[C]`` / ``[L, C]`` tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SteeringVectorFileError(f"No steering-vector file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            stored = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several error types for bad files
+        raise SteeringVectorFileError(
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from None
+    raw = stored.get(HEADER_KEY)
+    if raw is None:
+        raise SteeringVectorFileError(
+            f"{str(path)!r} is a safetensors file without tdsteer metadata; "
+            "wrap its tensors with SteeringVector({site: tensor}) instead"
+        )
+    sites, metadata, checksums = _read_header(path, raw, stored.get(CHECKSUM_KEY))
+    if set(sites) != set(tensors):
+        raise SteeringVectorFileError(
+            f"{str(path)!r}: header names sites {sorted(sites)} but the file holds tensors {sorted(tensors)}"
+        )
+    for key, tensor in tensors.items():
+        _check_direction(path, key, tensor, None if checksums is None else checksums.get(key))
+    return VectorParts({k: tensors[k] for k in sites}, sites, metadata)
+
+
 def save_lm_eval(
     directions: Mapping[str, Tensor],
     sites: Mapping[str, Site],
@@ -49,8 +150,9 @@ def save_lm_eval(
     action: str = "add",
     prefix: str = "",
 ) -> Path:
-    """Write lm-eval's ``steered`` model file: ``{hookpoint: {"steering_vector", "steering_coefficient",
-    "action", "bias", "head_index"}}``.
+    """Write lm-eval's ``steered`` model file, one entry per hookpoint.
+
+    Each entry is ``{"steering_vector", "steering_coefficient", "action", "bias", "head_index"}``.
 
     lm-eval names hookpoints relative to ``model.base_model``; pass that module's path as ``prefix``
     (``"transformer"`` for GPT-2, ``"model"`` for Llama) so it is stripped from the site paths.
@@ -65,10 +167,18 @@ def save_lm_eval(
         prefix: Path of ``model.base_model`` inside the model the sites refer to.
 
     Returns:
-        The path written.
+        The path written (atomically).
+
+    Raises:
+        ValueError: An unknown action, a site lm-eval cannot name, or a NaN or infinite direction
+            or scale (nothing is written).
     """
     if action not in ("add", "clamp"):
         raise ValueError(f"lm-eval supports action 'add' or 'clamp', got {action!r}")
+    path = Path(path)
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"Cannot write {str(path)!r}: the scale is {scale}; give a finite steering coefficient")
+    require_finite(directions, f"write {str(path)!r}")
     config: dict[str, dict[str, Any]] = {}
     for key, direction in directions.items():
         site = sites[key]
@@ -84,9 +194,8 @@ def save_lm_eval(
             "bias": None,
             "head_index": None,
         }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(config, path)
+    with atomic_path(path) as tmp:
+        torch.save(config, tmp)
     return path
 
 
@@ -112,6 +221,7 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorPar
     if not path.is_file():
         raise SteeringVectorFileError(f"No lm-eval steering file at {str(path)!r}")
     try:
+        # torch checks each storage's size against its record before allocating it
         config = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise SteeringVectorFileError(
@@ -125,27 +235,49 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorPar
     directions: dict[str, Tensor] = {}
     actions: set[str] = set()
     for hookpoint, entry in config.items():
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("steering_vector"), Tensor):
-            raise SteeringVectorFileError(f"{str(path)!r}: hookpoint {hookpoint!r} has no steering_vector tensor")
-        if entry.get("bias") is not None or entry.get("head_index") is not None:
-            raise SteeringVectorFileError(
-                f"{str(path)!r}: hookpoint {hookpoint!r} uses a bias or head_index, which tdsteer does not represent"
-            )
-        action = entry.get("action", "add")
+        key, action, direction = _lm_eval_entry(path, hookpoint, entry)
         actions.add(action)
-        vector = entry["steering_vector"].float().reshape(-1)
-        coefficient = float(entry.get("steering_coefficient", 1.0))
-        if action == "add":
-            directions[f"{prefix}.{hookpoint}" if prefix else hookpoint] = vector * coefficient
-        elif action == "clamp":
-            unit = vector / vector.norm().clamp_min(1e-12)
-            directions[f"{prefix}.{hookpoint}" if prefix else hookpoint] = unit * coefficient
-        else:
-            raise SteeringVectorFileError(f"{str(path)!r}: unknown action {action!r} at {hookpoint!r}")
+        directions[f"{prefix}.{key}" if prefix else key] = direction
     if len(actions) > 1:
         raise SteeringVectorFileError(f"{str(path)!r} mixes actions {sorted(actions)}; split it per action")
     metadata = {"method": "lm_eval", "operator": actions.pop(), "source": str(path)}
     return VectorParts(directions, {key: Site(key) for key in directions}, metadata)
+
+
+def _lm_eval_entry(path: Path, hookpoint: Any, entry: Any) -> tuple[str, str, Tensor]:
+    """The hookpoint, action and direction of one entry of an lm-eval file, every field checked."""
+    where = f"{str(path)!r}: hookpoint {short_repr(hookpoint)}"
+    if not isinstance(hookpoint, str) or not hookpoint:
+        raise SteeringVectorFileError(f"{where} is not a module path")
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("steering_vector"), Tensor):
+        raise SteeringVectorFileError(f"{where} has no steering_vector tensor")
+    if entry.get("bias") is not None or entry.get("head_index") is not None:
+        raise SteeringVectorFileError(f"{where} uses a bias or head_index, which tdsteer does not represent")
+    action = entry.get("action", "add")
+    if action not in ("add", "clamp"):
+        raise SteeringVectorFileError(
+            f"{where} has unknown action {short_repr(action)}; tdsteer reads 'add' and 'clamp'"
+        )
+    vector = entry["steering_vector"]
+    if not (vector.is_floating_point() or vector.dtype in _INTEGER_DTYPES) or vector.numel() == 0:
+        raise SteeringVectorFileError(
+            f"{where}: steering_vector is an empty or {vector.dtype} tensor, not real numbers"
+        )
+    coefficient = entry.get("steering_coefficient", 1.0)
+    if isinstance(coefficient, Tensor) and coefficient.numel() == 1:
+        coefficient = coefficient.item()
+    if not isinstance(coefficient, (int, float)) or isinstance(coefficient, bool):
+        raise SteeringVectorFileError(f"{where}: steering_coefficient {short_repr(coefficient)} is not a number")
+    vector = vector.to(torch.float32, copy=True).reshape(-1)
+    if action == "clamp":
+        vector = vector / vector.norm().clamp_min(1e-12)
+    direction = vector * float(coefficient)
+    if not bool(torch.isfinite(direction).all()):
+        raise SteeringVectorFileError(
+            f"{where}: the direction (steering_vector x steering_coefficient {coefficient}) holds NaN or infinite "
+            "values; the file is broken, export it again"
+        )
+    return hookpoint, action, direction
 
 
 def _layer_of(key: str) -> int:
@@ -174,9 +306,15 @@ def save_gguf(
         model_hint: ``controlvector.model_hint`` (the model type; ``"unknown"`` when ``None``).
 
     Returns:
-        The path written.
+        The path written (atomically).
+
+    Raises:
+        ValueError: A direction that is not ``[C]``, two sites on one layer, or a NaN or infinite
+            direction (nothing is written).
     """
     gguf = _import_gguf()
+    path = Path(path)
+    require_finite(directions, f"write {str(path)!r}")
     layers: dict[int, Tensor] = {}
     for key, direction in directions.items():
         if direction.ndim != 1:
@@ -190,18 +328,19 @@ def save_gguf(
         if layer in layers:
             raise ValueError(f"Two sites map to layer {layer}")
         layers[layer] = direction
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arch = "controlvector"
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_string(f"{arch}.model_hint", model_hint or "unknown")
-    writer.add_uint32(f"{arch}.layer_count", len(layers))
-    for layer in sorted(layers):
-        writer.add_tensor(f"direction.{layer}", layers[layer].detach().float().cpu().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            writer.add_string(f"{arch}.model_hint", model_hint or "unknown")
+            writer.add_uint32(f"{arch}.layer_count", len(layers))
+            for layer in sorted(layers):
+                writer.add_tensor(f"direction.{layer}", layers[layer].detach().float().cpu().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 
@@ -217,7 +356,8 @@ def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str =
         The directions, one per block, in block order, and metadata.
 
     Raises:
-        SteeringVectorFileError: Not a readable GGUF file or no ``direction.N`` tensors.
+        SteeringVectorFileError: Not a readable GGUF file, no ``direction.N`` tensors, a quantized
+            or empty direction, or NaN or infinite values.
     """
     gguf = _import_gguf()
     path = Path(path)
@@ -227,9 +367,11 @@ def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str =
         raise SteeringVectorFileError(f"No GGUF file at {str(path)!r}")
     try:
         reader = gguf.GGUFReader(str(path))
-        tensors = {t.name: torch.tensor(t.data.copy()).float().reshape(-1) for t in reader.tensors}
+        tensors = {t.name: _gguf_direction(path, t) for t in reader.tensors if re.fullmatch(r"direction\.\d+", t.name)}
         hint_field = reader.fields.get("controlvector.model_hint")
         hint = bytes(hint_field.parts[hint_field.data[0]]).decode() if hint_field is not None else None
+    except SteeringVectorFileError:
+        raise
     except Exception as error:
         raise SteeringVectorFileError(f"{str(path)!r} is not a readable GGUF file: {error}") from None
     directions: dict[str, Tensor] = {}
@@ -248,9 +390,93 @@ def load_gguf(path: str | os.PathLike[str], *, path_template: str, layout: str =
     return VectorParts({k: directions[k] for k in ordered}, {k: sites[k] for k in ordered}, metadata)
 
 
+def _gguf_direction(path: Path, tensor: Any) -> Tensor:
+    """One ``direction.N`` tensor of a GGUF file as float32 ``[C]``: plain floats, finite, not empty."""
+    kind = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
+    if kind not in _GGUF_FLOAT_TYPES:
+        raise SteeringVectorFileError(
+            f"{str(path)!r}: {tensor.name} is stored as {kind}; tdsteer reads control vectors stored as "
+            f"{', '.join(_GGUF_FLOAT_TYPES)}"
+        )
+    direction = torch.tensor(tensor.data.copy()).float().reshape(-1)
+    if direction.numel() == 0 or not bool(torch.isfinite(direction).all()):
+        raise SteeringVectorFileError(f"{str(path)!r}: {tensor.name} is empty or holds NaN or infinite values")
+    return direction
+
+
 def _import_gguf() -> Any:
     try:  # gguf is an optional extra (tdsteer[gguf]): imported only when a GGUF file is read or written
         import gguf
     except ImportError:
         raise ImportError("GGUF files need the gguf package: pip install 'tdsteer[gguf]'") from None
     return gguf
+
+
+def _read_header(
+    path: Path, raw: str, checksum: str | None
+) -> tuple[dict[str, Site], dict[str, Any], dict[str, int] | None]:
+    """The sites, metadata and tensor checksums (``None`` before format 2) of a file's tdsteer header."""
+
+    def bad(message: str) -> SteeringVectorFileError:
+        return SteeringVectorFileError(f"{str(path)!r} has a bad tdsteer header: {message}")
+
+    if checksum is not None:
+        expected = int(checksum, 16) if len(checksum) == 8 and all(c in "0123456789abcdef" for c in checksum) else -1
+        if crc32_of(raw.encode("utf-8")) != expected:
+            raise SteeringVectorFileError(
+                f"{str(path)!r} fails its checksum: its tdsteer header is corrupted; save the vector again"
+            )
+    try:
+        header = parse_json(raw)
+    except ValueError as error:
+        raise bad(str(error)) from None
+    if not isinstance(header, dict):
+        raise bad(f"it is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != FORMAT:
+        raise bad(f"format is {short_repr(header.get('format'))}, not {FORMAT!r}")
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad(f"format_version {short_repr(version)} is not an integer")
+    if version > FORMAT_VERSION:
+        raise SteeringVectorFileError(
+            f"{str(path)!r} was written by a newer tdsteer (vector format {version}, this one reads up to "
+            f"{FORMAT_VERSION}); upgrade tdsteer"
+        )
+    if version >= 2 and checksum is None:
+        raise SteeringVectorFileError(f"{str(path)!r} has lost its checksum: the file is corrupted; save it again")
+    records, metadata = header.get("sites"), header.get("metadata", {})
+    if not isinstance(records, dict) or not isinstance(metadata, dict):
+        raise bad("'sites' and 'metadata' must be objects")
+    try:
+        check_vector_metadata(metadata)
+    except ValueError as error:
+        raise bad(str(error)) from None
+    sites = {}
+    for key, record in records.items():
+        try:
+            sites[key] = site_from_record(record)
+        except ValueError as error:
+            raise bad(f"site {key!r}: {error}") from None
+    if version < 2:
+        return sites, metadata, None
+    checksums = header.get("crc32")
+    if not isinstance(checksums, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in checksums.values()
+    ):
+        raise bad("'crc32' must map each site to a CRC-32")
+    return sites, metadata, checksums
+
+
+def _check_direction(path: Path, key: str, tensor: Tensor, checksum: int | None) -> None:
+    """Refuse a stored direction that is not a finite float ``[C]`` / ``[L, C]`` tensor matching its checksum."""
+    if checksum is not None and crc32_of(tensor) != checksum:
+        raise SteeringVectorFileError(
+            f"{str(path)!r}: direction {key!r} fails its checksum: the file is corrupted; save the vector again"
+        )
+    if not tensor.is_floating_point() or tensor.ndim not in (1, 2) or tensor.numel() == 0:
+        raise SteeringVectorFileError(
+            f"{str(path)!r}: direction {key!r} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}; "
+            "a direction is a non-empty floating-point [C] or [L, C] tensor"
+        )
+    if not torch.isfinite(tensor).all():
+        raise SteeringVectorFileError(f"{str(path)!r}: direction {key!r} contains NaN or infinite values")

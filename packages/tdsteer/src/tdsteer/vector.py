@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -12,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tdsteer import formats
@@ -23,9 +19,8 @@ from tdsteer.errors import SteeringVectorFileError
 from tdsteer.model_facts import model_hidden_size, model_name_of, model_type_of
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
 
-FORMAT = "tdsteer.steering_vector"
-FORMAT_VERSION = 1
-_HEADER_KEY = "tdsteer"
+FORMAT = formats.FORMAT
+FORMAT_VERSION = formats.FORMAT_VERSION
 
 
 @dataclass
@@ -212,8 +207,17 @@ class SteeringVector:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save as safetensors, with the sites and metadata as JSON in the file header.
 
+        The file is written atomically (a temporary file beside ``path``, renamed over it), and
+        carries a CRC-32 of its header and of each tensor, checked by :meth:`load`.
+
+        Args:
+            path: Destination ``.safetensors`` file; its folder is created when missing.
+
         Returns:
             The path written.
+
+        Raises:
+            ValueError: A direction holds NaN or infinite values (nothing is written).
 
         Examples:
             >>> import tempfile, torch
@@ -222,61 +226,32 @@ class SteeringVector:
             >>> SteeringVector.load(p).metadata["method"]
             'mean_diff'
         """
-        path = Path(path)
-        header = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "sites": {k: s.to_dict() for k, s in self.sites.items()},
-            "metadata": self.metadata,
-        }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.directions.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header, default=_json_default)})
-        os.replace(tmp, path)
-        return path
+        return formats.save_safetensors(self.directions, self.sites, self.metadata, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SteeringVector:
         """Load a vector saved by :meth:`save`.
 
+        The file is read as data: its header is checked field by field, and the checksums of
+        files written since tdsteer's format 2 are verified (older files have none and load
+        without the check).
+
+        Args:
+            path: The ``.safetensors`` file.
+            device: Where the directions go.
+
+        Returns:
+            The vector.
+
         Raises:
-            SteeringVectorFileError: The file is missing, truncated, corrupted, or not a tdsteer file.
+            SteeringVectorFileError: The file is missing, truncated, corrupted (a failed checksum),
+                not a tdsteer file, or holds NaN or infinite directions.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise SteeringVectorFileError(f"No steering-vector file at {str(path)!r}")
+        directions, sites, metadata = formats.load_safetensors(path)
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                raw = (handle.metadata() or {}).get(_HEADER_KEY)
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        except Exception as error:  # safetensors raises several error types for bad files
-            raise SteeringVectorFileError(
-                f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {error}"
-            ) from None
-        if raw is None:
-            raise SteeringVectorFileError(
-                f"{str(path)!r} is a safetensors file without tdsteer metadata; "
-                "wrap its tensors with SteeringVector({site: tensor}) instead"
-            )
-        try:
-            header = json.loads(raw)
-            if header.get("format") != FORMAT:
-                raise ValueError(f"format is {header.get('format')!r}")
-            if int(header.get("format_version", 0)) > FORMAT_VERSION:
-                raise ValueError(f"format_version {header['format_version']} is newer than this tdsteer reads")
-            sites = {k: Site.from_dict(v) for k, v in header["sites"].items()}
-            metadata = dict(header.get("metadata", {}))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise SteeringVectorFileError(f"{str(path)!r} has a bad tdsteer header: {error}") from None
-        if set(sites) != set(tensors):
-            raise SteeringVectorFileError(
-                f"{str(path)!r}: header names sites {sorted(sites)} but the file holds tensors {sorted(tensors)}"
-            )
-        for key, tensor in tensors.items():
-            if not torch.isfinite(tensor).all():
-                raise SteeringVectorFileError(f"{str(path)!r}: direction {key!r} contains NaN or infinite values")
-        return cls({k: tensors[k] for k in sites}, sites, metadata)
+            return cls({k: v.to(device) for k, v in directions.items()}, sites, metadata)
+        except (TypeError, ValueError) as error:
+            raise SteeringVectorFileError(f"{str(path)!r} does not describe a steering vector: {error}") from None
 
     # -- interchange ------------------------------------------------------------------------------
     def to_lm_eval(
@@ -292,7 +267,10 @@ class SteeringVector:
                 hookpoints relative to it: ``"transformer"`` for GPT-2, ``"model"`` for Llama).
 
         Returns:
-            The path written.
+            The path written (atomically: the previous file stays whole if writing fails).
+
+        Raises:
+            ValueError: A site lm-eval cannot name, or a NaN or infinite direction or scale.
         """
         return formats.save_lm_eval(self.directions, self.sites, path, scale=scale, action=action, prefix=prefix)
 
@@ -305,7 +283,8 @@ class SteeringVector:
             prefix: Path of ``model.base_model``, prepended to the hookpoints to make site paths.
 
         Raises:
-            SteeringVectorFileError: Not a readable file, or entries tdsteer cannot represent.
+            SteeringVectorFileError: Not a readable file, entries tdsteer cannot represent, or NaN
+                or infinite directions.
         """
         return cls(*formats.load_lm_eval(path, prefix=prefix))
 
@@ -319,7 +298,8 @@ class SteeringVector:
             layout: Layout of the sites.
 
         Raises:
-            SteeringVectorFileError: Not a readable GGUF file or no ``direction.N`` tensors.
+            SteeringVectorFileError: Not a readable GGUF file, no ``direction.N`` tensors, quantized
+                directions, or NaN or infinite values.
         """
         return cls(*formats.load_gguf(path, path_template=path_template, layout=layout))
 
@@ -340,20 +320,14 @@ class SteeringVector:
             model_hint: ``controlvector.model_hint`` (default: the recorded model type).
 
         Returns:
-            The path written.
+            The path written (atomically: the previous file stays whole if writing fails).
+
+        Raises:
+            ValueError: A direction that is not ``[C]``, two sites on one layer, or a NaN or
+                infinite direction.
         """
         hint = model_hint or self.metadata.get("model_type")
         return formats.save_gguf(self.directions, path, layer_of=layer_of, model_hint=str(hint) if hint else None)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
 
 
 def make_metadata(

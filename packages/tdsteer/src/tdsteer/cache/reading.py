@@ -17,8 +17,9 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from tdsteer.aggregators import Aggregator, make_aggregator
+from tdsteer.cache.files import ROW_FIELDS
 from tdsteer.cache.recording import record_cache
-from tdsteer.cache.storage import ROW_FIELDS, CacheStore, Chunk
+from tdsteer.cache.storage import CacheStore, Chunk, Verify
 from tdsteer.keys import BatchKeys
 from tdsteer.reading import Reader, ReadLike
 from tdsteer.sites import Site, SiteLike, as_sites
@@ -57,19 +58,35 @@ class ActivationCache:
         self.chunks: list[Chunk] = store.chunks
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ActivationCache:
+    def load(cls, path: str | os.PathLike[str], *, verify: Verify = "on_read") -> ActivationCache:
         """Reopen a cache recorded to ``path``; no model needed.
+
+        Each chunk column carries a CRC-32 of its data. With ``verify="on_read"`` (the default) a
+        chunk is checked the first time any of its rows is read, so opening is instant and a cache
+        that is only partly read is only partly checked (reading the data once more costs about as
+        much as reading it); ``"on_load"`` checks every chunk now; ``"off"`` never checks. Caches
+        written before checksums (format 1) load without checks.
 
         Args:
             path: The folder given to :meth:`record`.
+            verify: When to check the checksums: ``"on_read"``, ``"on_load"`` or ``"off"``.
 
         Returns:
-            The cache, its files mapped lazily.
+            The cache, its files mapped lazily and read-only.
 
         Raises:
-            ActivationCacheError: Not a tdsteer cache, or truncated / corrupted files.
+            ActivationCacheError: Not a tdsteer cache, damaged header or progress files, truncated
+                files, or (now or on first read) data that fails its checksum.
+
+        Examples:
+            >>> import tempfile, torch
+            >>> model = torch.nn.Sequential(torch.nn.Identity())
+            >>> path = tempfile.mkdtemp() + "/cache"
+            >>> _ = ActivationCache.record(model, [{"inputs": torch.ones(2, 3), "labels": [0, 1]}], ["0"], path=path, progress=False)
+            >>> ActivationCache.load(path, verify="on_load").labels.tolist()
+            [0, 1]
         """
-        return cls(CacheStore.open(Path(path)))
+        return cls(CacheStore.open(Path(path), verify=verify))
 
     @classmethod
     def record(
@@ -100,7 +117,9 @@ class ActivationCache:
                 for a recording to resume.
             sites: Sites to record.
             path: Folder for a memory-mapped cache; ``None`` keeps it in memory. An existing cache
-                there is resumed (same model, sites, read position, dtype and data, or an error).
+                there is resumed from the example it stopped at, with any batch size: the same
+                model weights, sites, read position and dtype, and the same examples in the same
+                order, or an error. While recording, the folder is locked against other processes.
             read: Read position; one row per example (``"all"`` is refused).
             dtype: Storage dtype: ``float32``, ``bfloat16`` or ``float16``.
             num_examples: Number of examples, to preallocate; default: the batches' ``count`` when
@@ -119,8 +138,9 @@ class ActivationCache:
             The cache (reopen it later with :meth:`load`).
 
         Raises:
-            ActivationCacheError: ``path`` holds a cache with other settings or other data, or there
-                is not enough disk space.
+            ActivationCacheError: ``path`` holds a cache with other settings, other data or
+                another model's weights, or one written by format 1; another process is recording
+                into ``path``; or there is not enough disk space.
         """
         store = record_cache(
             model,
@@ -146,8 +166,10 @@ class ActivationCache:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The recording's model, sites, read position, dtype, data fingerprint and tdsteer version."""
-        return {k: v for k, v in self.header.items() if k not in ("format", "format_version")}
+        """The recording's model, weights fingerprint, sites, read position, dtype, data fingerprint,
+        tdsteer version, and ``data_order`` (the hash of the recorded examples in order)."""
+        metadata = {k: v for k, v in self.header.items() if k not in ("format", "format_version")}
+        return {**metadata, "data_order": self.store.progress.data_order}
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
         """Rows ``start:stop`` of one column.
@@ -176,7 +198,8 @@ class ActivationCache:
             if lo < hi:
                 parts.append(chunk.data[name][lo - chunk_start : hi - chunk_start])
         if not parts:
-            return torch.empty(0)
+            column = self.store.columns[name]
+            return torch.empty(column.shape(0), dtype=column.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def take(self, name: str, rows: Tensor) -> Tensor:

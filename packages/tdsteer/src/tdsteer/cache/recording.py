@@ -2,13 +2,19 @@
 
 A contrastive batch of ``B`` pairs adds ``2B`` rows, the positive then the negative of each pair
 (labels 1 and 0, the same ``pair`` id); a labelled batch (``{"inputs": ..., "labels": [B]}``) adds
-``B`` rows with class labels. A recording to a folder that already holds a cache resumes it: the
-batches it holds are hashed and skipped, and must be the ones it was recorded from.
+``B`` rows with class labels.
+
+A recording to a folder takes the folder's lock first, so two processes never write into one
+cache. A folder that already holds a cache is resumed by example count: the examples it holds are
+hashed in order (whatever the batch size, see :class:`~tdsteer.cache.fingerprint.DataOrder`) and
+skipped, the batch the cache stopped in is cut at that example, and the rest is appended. It is
+refused when the data differs in any recorded example or comes in another order, when the model's
+weights differ (:func:`~tdsteer.cache.fingerprint.weights_fingerprint`), or when the sites, read
+position or dtype differ; a cache written by format 1 (no fingerprints) is never resumed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,15 +26,26 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tdsteer._version import __version__
-from tdsteer.batches import batch_size, digest, to_device
-from tdsteer.cache.storage import DTYPES, FORMAT, FORMAT_VERSION, ActivationCacheError, CacheStore, read_header
+from tdsteer.batches import batch_size, to_device
+from tdsteer.cache.files import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    HEADER,
+    holds_only_cache_files,
+    read_header,
+    recording_lock,
+)
+from tdsteer.cache.fingerprint import DataOrder, slice_examples, weights_fingerprint
+from tdsteer.cache.storage import CacheStore
+from tdsteer.errors import ActivationCacheError
 from tdsteer.extraction import SiteRecorder, model_device
 from tdsteer.keys import BatchKeys
 from tdsteer.model_facts import model_name_of, model_type_of
 from tdsteer.reading import Reader, ReadLike, TokenReading, describe_read
 from tdsteer.sites import Site, SiteLike, as_sites
 
-RESUME_FIELDS = ("model_type", "model_name", "sites", "read", "dtype", "data_fingerprint")
+RESUME_FIELDS = ("model_type", "model_name", "weights_fingerprint", "sites", "read", "dtype", "data_fingerprint")
 
 
 class ForwardCall(NamedTuple):
@@ -87,6 +104,7 @@ def record_cache(
         "format_version": FORMAT_VERSION,
         "model_name": model_name or model_name_of(model),
         "model_type": model_type_of(model),
+        "weights_fingerprint": weights_fingerprint(model),
         "sites": [s.to_dict() for s in site_list],
         "hidden_sizes": None,
         "read": describe_read(read),
@@ -94,8 +112,16 @@ def record_cache(
         "data_fingerprint": getattr(batches, "fingerprint", None),
         "tdsteer_version": __version__,
     }
-    recording = Recording(existing_cache(header, path), header, path, num_examples, chunk_rows, checkpoint_every)
-    return recording.run(model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
+    settings = (model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
+    if path is None:
+        return Recording(None, header, path, num_examples, chunk_rows, checkpoint_every).run(*settings)
+    if path.exists() and not path.is_dir():
+        raise ActivationCacheError(f"{str(path)!r} is a file, not a folder; choose a folder for the cache")
+    if not (path / HEADER).is_file() and not holds_only_cache_files(path):
+        raise ActivationCacheError(f"{str(path)!r} exists and is not an activation cache; choose an empty folder")
+    with recording_lock(path):
+        store = existing_cache(header, path)
+        return Recording(store, header, path, num_examples, chunk_rows, checkpoint_every).run(*settings)
 
 
 class Recording:
@@ -133,51 +159,72 @@ class Recording:
         """Record ``batches`` and return the finished store."""
         target = torch.device(device) if device is not None else model_device(model)
         recorder = SiteRecorder(sites, read, stop_early=True)
-        hasher = hashlib.sha256()
-        seen = 0
+        order = DataOrder()
         resumed = self.store.progress.examples if self.store is not None else 0
         bar = tqdm(total=self.num_examples, initial=resumed, desc="record", unit="example", disable=not progress)
         last_checkpoint = time.monotonic()
         with torch.no_grad(), recorder.prepare(model), bar:
             for batch in batches:
                 split = split_batch(batch, keys, label_key, inputs_key)
-                digest(hasher, batch)
-                if seen < resumed:
-                    seen += split.size
-                    if (
-                        seen == resumed
-                        and self.store is not None
-                        and hasher.hexdigest() != self.store.progress.data_hash
-                    ):
-                        raise ActivationCacheError(
-                            f"The data differs from what the cache at {str(self.path)!r} recorded so far; "
-                            "resume with the same data in the same order, or record to another path"
-                        )
+                size, first = split.size, order.examples
+                if first + size <= resumed:  # recorded already: only hashed
+                    order.update(batch, size)
+                    if order.examples == resumed:
+                        self._check_order(order.hexdigest(), resumed)
                     continue
-                readings = [read_call(recorder, model, call, target) for call in split.calls]
-                store = self._store_for(readings[0], sites)
-                values = row_values(split, readings, sites, seen, DTYPES[store.header["dtype"]])
-                planned = self.num_examples * len(split.calls) if self.num_examples else None
-                seen += split.size
-                store.append(
-                    values,
-                    examples=seen,
-                    data_hash=hasher.hexdigest(),
-                    planned_rows=planned,
-                    chunk_rows=self.chunk_rows,
-                )
+                if first < resumed:  # the cache stopped inside this batch: record from its next example on
+                    self._check_order(order.hexdigest_at(batch, size, resumed - first), resumed)
+                    split = split_batch(slice_examples(batch, resumed - first, size), keys, label_key, inputs_key)
+                    first = resumed
+                order.update(batch, size)
+                self._append(recorder, model, split, sites, first, order, target)
                 if time.monotonic() - last_checkpoint >= self.checkpoint_every:
-                    store.checkpoint()
+                    assert self.store is not None
+                    self.store.checkpoint()
                     last_checkpoint = time.monotonic()
                 bar.update(split.size)
-        if seen < resumed:
+        if order.examples < resumed:
             raise ActivationCacheError(
-                f"The cache at {str(self.path)!r} already holds {resumed} examples but the data has only {seen}"
+                f"The cache at {str(self.path)!r} already holds {resumed} examples but the data has only "
+                f"{order.examples}; resume with the same data, or record to another path"
             )
         if self.store is None or self.store.rows == 0:
             raise ValueError("No batches to record: the data is empty")
         self.store.finish()
         return self.store
+
+    def _append(
+        self,
+        recorder: SiteRecorder,
+        model: nn.Module,
+        split: CacheBatch,
+        sites: list[Site],
+        first: int,
+        order: DataOrder,
+        target: torch.device | None,
+    ) -> None:
+        """Run the forward calls of one batch and append its rows. A method, so that the readings and
+        rows of a batch are freed before the next batch runs (a loop variable would keep them alive)."""
+        readings = [read_call(recorder, model, call, target) for call in split.calls]
+        store = self._store_for(readings[0], sites)
+        values = row_values(split, readings, sites, first, DTYPES[store.header["dtype"]])
+        del readings  # only the rows are needed now
+        store.append(
+            values,
+            examples=order.examples,
+            data_order=order.hexdigest(),
+            planned_rows=self.num_examples * len(split.calls) if self.num_examples else None,
+            chunk_rows=self.chunk_rows,
+        )
+
+    def _check_order(self, digest: str, resumed: int) -> None:
+        assert self.store is not None
+        if digest != self.store.progress.data_order:
+            raise ActivationCacheError(
+                f"The data differs from what the cache at {str(self.path)!r} recorded in its first {resumed} "
+                "examples (other examples, or another order); resume with the same data in the same order (any "
+                "batch size), or record to another path"
+            )
 
     def _store_for(self, reading: CallReading, sites: list[Site]) -> CacheStore:
         widths = {s.key: int(reading.sites[s.key].shape[-1]) for s in sites}
@@ -192,22 +239,34 @@ class Recording:
         return self.store
 
 
-def existing_cache(header: dict[str, Any], path: Path | None) -> CacheStore | None:
+def existing_cache(header: dict[str, Any], path: Path) -> CacheStore | None:
     """The cache already at ``path``, checked to be recorded with ``header``'s settings, or ``None``."""
-    if path is None:
+    if not (path / HEADER).is_file():
         return None
-    if (path / "cache.json").is_file():
-        existing = read_header(path)
-        for field in RESUME_FIELDS:
-            if existing.get(field) != header.get(field):
-                raise ActivationCacheError(
-                    f"A cache at {str(path)!r} was recorded with {field}={existing.get(field)!r}, not "
-                    f"{header.get(field)!r}; use another path, or delete it to record anew"
-                )
-        return CacheStore.open(path, existing)
-    if path.exists() and any(path.iterdir()):
-        raise ActivationCacheError(f"{str(path)!r} exists and is not an activation cache; choose an empty folder")
-    return None
+    existing = read_header(path)
+    if existing["format_version"] < FORMAT_VERSION:
+        raise ActivationCacheError(
+            f"The cache at {str(path)!r} was written by an older tdsteer (cache format {existing['format_version']}), "
+            "which kept no fingerprint of the model weights or of the data order, so a resume cannot be checked; "
+            "load it with ActivationCache.load, or record to another path"
+        )
+    for field in RESUME_FIELDS:
+        if existing.get(field) == header.get(field):
+            continue
+        if field == "weights_fingerprint":
+            raise ActivationCacheError(
+                f"The cache at {str(path)!r} was recorded from a {existing.get('model_type')} model with other "
+                f"weights (weights fingerprint {str(existing.get(field))[:12]}, this model's {str(header[field])[:12]}): "
+                "appending would mix two models' activations; record to another path, or use the checkpoint (and "
+                "dtype) it was recorded with"
+            )
+        raise ActivationCacheError(
+            f"A cache at {str(path)!r} was recorded with {field}={existing.get(field)!r}, not "
+            f"{header.get(field)!r}; use another path, or delete it to record anew"
+        )
+    store = CacheStore.open(path, existing)
+    store.recover()
+    return store
 
 
 def split_batch(batch: Mapping[str, Any], keys: BatchKeys, label_key: str, inputs_key: str) -> CacheBatch:
@@ -254,6 +313,8 @@ def row_values(
     size, calls = batch.size, len(batch.calls)
 
     def interleave(parts: list[Tensor]) -> Tensor:
+        if len(parts) == 1:  # a labelled batch: rows already in order, no copy
+            return parts[0]
         return torch.stack(parts, 1).reshape(size * calls, *parts[0].shape[1:])
 
     values: dict[str, Tensor] = {}

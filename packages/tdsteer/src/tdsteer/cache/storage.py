@@ -1,40 +1,48 @@
 """Where a cache's rows live: typed columns split into chunks, in memory or in files on disk.
 
-A cache folder holds ``cache.json`` (the header: model, sites, read position, dtype, hidden sizes),
-``progress.json`` (rows, examples and data hash saved so far, and the rows of every chunk) and one
-folder per chunk, ``chunk-00000`` and on, with one raw file per column. Writes go through the files
-(``pwrite``), reads map them lazily; ``progress.json`` is replaced atomically after the written files
-are flushed, so what it claims is always on disk.
+A cache folder holds ``cache.json`` (the header), ``progress.json`` (what the chunks hold, with
+checksums; see :mod:`tdsteer.cache.files`) and one folder per chunk, ``chunk-00000`` and on, with
+one raw file per column. Rows are appended in order: writes go through the files (``pwrite``) and
+feed a running CRC-32 of each column; reads map the files lazily and read-only.
+
+Every write is ordered so that a crash at any point leaves a cache that loads and resumes:
+``progress.json`` only ever claims rows that are flushed to disk; a chunk file may hold more bytes
+than claimed (rows written after the last checkpoint, or a tail not yet cut), never fewer; a new
+chunk's files are created without truncating anything claimed; finishing claims the trimmed size
+first and cuts the files after.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tensordict import MemoryMappedTensor
 from torch import Tensor
 
+from tdsteer.cache.files import (
+    DTYPES,
+    ROW_FIELDS,
+    ChunkState,
+    Progress,
+    read_header,
+    read_progress,
+    write_header,
+    write_progress,
+)
+from tdsteer.errors import ActivationCacheError
+from tdsteer.safe_io import crc32_of, file_crc32, fsync_folder, tensor_bytes
 from tdsteer.sites import Site
 
-FORMAT = "tdsteer.activation_cache"
-FORMAT_VERSION = 1
-ROW_FIELDS = ("label", "pair", "index", "length")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EMPTY_HASH = hashlib.sha256().hexdigest()
-
-
-class ActivationCacheError(ValueError):
-    """A cache that cannot be opened, resumed or appended to as asked."""
+Verify = Literal["on_read", "on_load", "off"]
+VERIFY_MODES = ("on_read", "on_load", "off")
 
 
 @dataclass(frozen=True)
@@ -65,79 +73,131 @@ def columns_of(header: Mapping[str, Any]) -> list[Column]:
     ]
 
 
-@dataclass(frozen=True)
-class Progress:
-    """How far a recording got: rows written, examples consumed, and the hash of the data so far."""
-
-    rows: int = 0
-    examples: int = 0
-    data_hash: str = EMPTY_HASH
-
-
 class Chunk:
     """``rows`` preallocated rows of every column, in memory or in files under ``folder``.
 
-    On disk, writes go through the files (``pwrite``), not through a memory map, so recording keeps
-    no written page in the process's resident memory; reads map the files lazily with tensordict's
-    ``MemoryMappedTensor``.
+    On disk, rows are written in order through the files (``pwrite``), not through a memory map,
+    so recording keeps no written page in the process's resident memory; each column keeps the
+    CRC-32 of its ``filled`` rows. Reads map the files lazily and read-only (tensordict's
+    ``MemoryMappedTensor``, copy-on-write: an in-place change to a read tensor never reaches the
+    file), after checking the checksums when the chunk was opened from disk with ``verify="on_read"``.
     """
 
-    def __init__(self, columns: Sequence[Column], rows: int, folder: Path | None, create: bool) -> None:
+    def __init__(
+        self,
+        columns: Sequence[Column],
+        rows: int,
+        folder: Path | None,
+        *,
+        create: bool,
+        filled: int = 0,
+        crc32: Mapping[str, int] | None = None,
+        verify: Verify = "on_read",
+    ) -> None:
         self.rows = rows
         self.folder = folder
         self.columns = {c.name: c for c in columns}
+        self.filled = filled
+        self.crc32: dict[str, int] | None = dict(crc32) if crc32 is not None else None
+        if create:
+            self.crc32 = {c.name: 0 for c in columns}
         self._data: dict[str, Tensor] | None = None
         self._dirty: set[str] = set()
+        self._new = create
+        self._unverified = folder is not None and not create and self.crc32 is not None and verify != "off"
         if folder is None:
             self._data = {c.name: torch.zeros(c.shape(rows), dtype=c.dtype) for c in columns}
             return
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         for column in columns:
             filename = folder / column.file_name
             expected = column.nbytes(rows)
-            if create:
-                folder.mkdir(parents=True, exist_ok=True)
-                with open(filename, "wb") as handle:
-                    handle.truncate(expected)  # sparse until written
+            if create:  # never O_TRUNC: resize in place (no claimed row lives in a chunk being created)
+                fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    os.ftruncate(fd, expected)  # sparse until written
+                finally:
+                    os.close(fd)
                 continue
-            size = filename.stat().st_size if filename.is_file() else -1
-            if size != expected:
+            if not filename.is_file():
                 raise ActivationCacheError(
-                    f"Cache file {str(filename)!r} has {size} bytes, expected {expected}: the cache is truncated "
-                    "or corrupted; delete the folder and record again"
+                    f"Cache file {str(filename)!r} is missing: the cache is incomplete; delete the folder and "
+                    "record again"
                 )
+            size = filename.stat().st_size
+            if size < expected:
+                raise ActivationCacheError(
+                    f"Cache file {str(filename)!r} has {size} bytes, expected {expected}: the cache is "
+                    "truncated or corrupted; delete the folder and record again"
+                )
+        if verify == "on_load":
+            self.verify()
 
     @property
     def data(self) -> dict[str, Tensor]:
-        """Every column of this chunk (memory-mapped on first use for a cache on disk)."""
+        """Every column of this chunk (memory-mapped read-only on first use for a cache on disk)."""
         if self._data is None:
             assert self.folder is not None
+            self.verify()
             self._data = {
                 name: MemoryMappedTensor.from_filename(
-                    str(self.folder / column.file_name), dtype=column.dtype, shape=column.shape(self.rows)
+                    str(self.folder / column.file_name), dtype=column.dtype, shape=column.shape(self.rows), mode="r"
                 )
                 for name, column in self.columns.items()
             }
         return self._data
 
+    def verify(self) -> None:
+        """Check the filled rows of every column against their CRC-32 (once; a no-op without checksums).
+
+        Raises:
+            ActivationCacheError: A file's data does not match its checksum.
+        """
+        if not self._unverified:
+            return
+        assert self.folder is not None and self.crc32 is not None
+        for name, column in self.columns.items():
+            filename = self.folder / column.file_name
+            try:
+                actual = file_crc32(filename, column.nbytes(self.filled))
+            except (OSError, ValueError) as error:
+                raise ActivationCacheError(
+                    f"Cache file {str(filename)!r} cannot be read to check it: {error}"
+                ) from None
+            if actual != self.crc32[name]:
+                raise ActivationCacheError(
+                    f"Cache file {str(filename)!r} fails its checksum (CRC-32 {actual:08x}, recorded "
+                    f"{self.crc32[name]:08x}): its data is corrupted; delete the folder and record again, or load "
+                    "with verify='off' to read it anyway"
+                )
+        self._unverified = False
+
     def write(self, name: str, row: int, values: Tensor) -> None:
-        """Store ``values`` at rows ``row:row + len(values)`` of column ``name``."""
+        """Store ``values`` at rows ``row:row + len(values)`` of column ``name`` (rows come in order)."""
         if self.folder is None:
             assert self._data is not None
             self._data[name][row : row + len(values)] = values
+            self.filled = max(self.filled, row + len(values))
             return
         column = self.columns[name]
-        raw = values.to(column.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert self.crc32 is not None, "a chunk of a format-1 cache is read-only"
+        raw = tensor_bytes(values.to(column.dtype))
         fd = os.open(self.folder / column.file_name, os.O_WRONLY)
         try:
             with disk_full_is_clear(self.folder):
-                os.pwrite(fd, raw.tobytes(), row * column.nbytes(1))
+                offset, done = row * column.nbytes(1), 0
+                while done < len(raw):  # pwrite may write less than asked
+                    done += os.pwrite(fd, raw[done:], offset + done)
         finally:
             os.close(fd)
+        self.crc32[name] = crc32_of(raw, self.crc32[name])
+        self.filled = row + len(values)
         self._dirty.add(name)
         self._data = None  # a map made before this write may not show it
 
     def sync(self) -> None:
-        """Flush written columns to disk (before progress claims them)."""
+        """Flush written columns (and, for a new chunk, its folder entries) to disk."""
         if self.folder is None:
             return
         for name in sorted(self._dirty):
@@ -147,19 +207,26 @@ class Chunk:
             finally:
                 os.close(fd)
         self._dirty.clear()
+        if self._new:
+            fsync_folder(self.folder)
+            fsync_folder(self.folder.parent)
+            self._new = False
 
-    def trim(self, rows: int) -> None:
-        """Keep only the first ``rows`` rows (the unfilled tail of a grown chunk)."""
-        if rows >= self.rows:
-            return
+    def state(self) -> ChunkState:
+        """What ``progress.json`` claims for this chunk."""
+        return ChunkState(self.rows, dict(self.crc32) if self.crc32 is not None else None)
+
+    def cut_files(self) -> None:
+        """Cut the files to the claimed ``rows`` (after ``progress.json`` claims them; a no-op in memory)."""
         if self.folder is None:
             assert self._data is not None
-            self._data = {name: t[:rows].clone() for name, t in self._data.items()}
-        else:
-            self._data = None
-            for column in self.columns.values():
-                os.truncate(self.folder / column.file_name, column.nbytes(rows))
-        self.rows = rows
+            self._data = {name: t[: self.rows].clone() for name, t in self._data.items()}
+            return
+        self._data = None
+        for column in self.columns.values():
+            filename = self.folder / column.file_name
+            if filename.stat().st_size > column.nbytes(self.rows):
+                os.truncate(filename, column.nbytes(self.rows))
 
 
 class CacheStore:
@@ -169,31 +236,39 @@ class CacheStore:
     writes through it. Open one with :meth:`open` or :meth:`create`.
     """
 
-    def __init__(self, header: dict[str, Any], path: Path | None, progress: Progress, chunk_rows: Sequence[int]):
+    def __init__(self, header: dict[str, Any], path: Path | None, progress: Progress, verify: Verify = "on_read"):
         self.header = header
         self.path = path
         self.progress = progress
         self.columns = {c.name: c for c in columns_of(header)}
-        self.chunks = [
-            Chunk(list(self.columns.values()), rows, self._chunk_folder(i), False) for i, rows in enumerate(chunk_rows)
-        ]
+        self.chunks: list[Chunk] = []
+        start = 0
+        for i, state in enumerate(progress.chunks):
+            filled = min(max(progress.rows - start, 0), state.rows)
+            columns = list(self.columns.values())
+            folder = self._chunk_folder(i)
+            self.chunks.append(
+                Chunk(columns, state.rows, folder, create=False, filled=filled, crc32=state.crc32, verify=verify)
+            )
+            start += state.rows
 
     @classmethod
-    def open(cls, path: Path, header: dict[str, Any] | None = None) -> CacheStore:
+    def open(cls, path: Path, header: dict[str, Any] | None = None, verify: Verify = "on_read") -> CacheStore:
         """The cache recorded at ``path`` (its header read again unless given)."""
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_MODES))}, got {verify!r}")
         header = header or read_header(path)
-        saved = read_json(path / "progress.json", "cache progress")
-        progress = Progress(saved["rows"], saved["examples"], saved["hash"])
-        return cls(header, path, progress, saved["chunks"])
+        columns = [c.name for c in columns_of(header)]
+        return cls(header, path, read_progress(path, columns, header["format_version"]), verify)
 
     @classmethod
     def create(cls, header: dict[str, Any], path: Path | None) -> CacheStore:
-        """A new, empty cache; on disk, ``progress.json`` then ``cache.json`` are written at once."""
-        store = cls(header, path, Progress(), [])
+        """A new, empty cache; on disk, ``cache.json`` then an empty ``progress.json`` are written at once."""
+        store = cls(header, path, Progress())
         if path is not None:
             path.mkdir(parents=True, exist_ok=True)
+            write_header(path, header)
             store.checkpoint()
-            write_json(path / "cache.json", header)
         return store
 
     @property
@@ -209,12 +284,13 @@ class CacheStore:
             start += chunk.rows
 
     def append(
-        self, values: Mapping[str, Tensor], *, examples: int, data_hash: str, planned_rows: int | None, chunk_rows: int
+        self, values: Mapping[str, Tensor], *, examples: int, data_order: str, planned_rows: int | None, chunk_rows: int
     ) -> None:
         """Write the rows ``values`` (every column, same length) after the last row, growing as needed.
 
-        ``examples`` and ``data_hash`` become the progress saved at the next :meth:`checkpoint`; new
+        ``examples`` and ``data_order`` become the progress saved at the next :meth:`checkpoint`; new
         chunks hold ``planned_rows`` rows in all when the total is known, else ``chunk_rows`` each.
+        A failed append leaves this store unusable (the files are fine: nothing more is claimed).
         """
         start = self.progress.rows
         new_rows = len(next(iter(values.values())))
@@ -227,7 +303,7 @@ class CacheStore:
             for name, column in values.items():
                 chunk.write(name, lo - chunk_start, column[offset : offset + hi - lo])
             offset += hi - lo
-        self.progress = Progress(start + new_rows, examples, data_hash)
+        self.progress = Progress(start + new_rows, examples, data_order)
 
     def checkpoint(self) -> None:
         """Flush written rows, then replace ``progress.json`` to claim them (nothing in memory)."""
@@ -236,17 +312,31 @@ class CacheStore:
         for chunk in self.chunks:
             chunk.sync()
         progress = self.progress
-        chunk_rows = [c.rows for c in self.chunks]
-        saved = {"rows": progress.rows, "examples": progress.examples, "hash": progress.data_hash, "chunks": chunk_rows}
-        write_json(self.path / "progress.json", saved)
+        write_progress(
+            self.path,
+            Progress(progress.rows, progress.examples, progress.data_order, tuple(c.state() for c in self.chunks)),
+        )
 
     def finish(self) -> None:
-        """Trim the unfilled tail of the last chunk and save progress."""
+        """Claim only the filled rows of the last chunk, then cut its files to them.
+
+        In that order: a crash in between leaves files longer than claimed, which load and resume.
+        """
         capacity = sum(c.rows for c in self.chunks)
         if capacity > self.rows:
             last = self.chunks[-1]
-            last.trim(last.rows - (capacity - self.rows))
+            last.rows -= capacity - self.rows
+            if last.rows == 0:
+                self.chunks.pop()
         self.checkpoint()
+        if self.chunks:
+            self.chunks[-1].cut_files()
+
+    def recover(self) -> None:
+        """Before appending to a cache from disk: cut the last chunk's files to what ``progress.json``
+        claims (more is left by a crash between claiming a trimmed chunk and cutting it)."""
+        if self.chunks:
+            self.chunks[-1].cut_files()
 
     def _chunk_folder(self, index: int) -> Path | None:
         return None if self.path is None else self.path / f"chunk-{index:05d}"
@@ -259,19 +349,10 @@ class CacheStore:
             )
             if self.path is not None:
                 check_space(self.path, sum(c.nbytes(rows) for c in self.columns.values()))
+            columns = list(self.columns.values())
             with disk_full_is_clear(self.path):
-                self.chunks.append(Chunk(list(self.columns.values()), rows, self._chunk_folder(len(self.chunks)), True))
+                self.chunks.append(Chunk(columns, rows, self._chunk_folder(len(self.chunks)), create=True))
             capacity += rows
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """``cache.json`` of the cache at ``path``, checked to be a cache this tdsteer can read."""
-    header = read_json(path / "cache.json", "cache header")
-    if header.get("format") != FORMAT:
-        raise ActivationCacheError(f"{str(path)!r} is not a tdsteer activation cache")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise ActivationCacheError(f"{str(path)!r} was written by a newer tdsteer (format {header['format_version']})")
-    return header
 
 
 @contextmanager
@@ -296,27 +377,3 @@ def check_space(path: Path, needed: int) -> None:
             f"Not enough disk space for the cache at {str(path)!r}: {needed / 2**20:.1f} MiB needed, "
             f"{free / 2**20:.1f} MiB free; free space or record elsewhere"
         )
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` atomically with ``data`` as JSON, flushed to disk first."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object at ``path``, or an :class:`ActivationCacheError` naming ``what`` is wrong."""
-    if not path.is_file():
-        raise ActivationCacheError(f"No {what} at {str(path)!r}: not an activation cache (or an unfinished one)")
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ActivationCacheError(f"The {what} at {str(path)!r} is unreadable: {error}") from None
-    if not isinstance(data, dict):
-        raise ActivationCacheError(f"The {what} at {str(path)!r} is not a JSON object")
-    return data
