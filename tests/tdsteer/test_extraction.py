@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -267,3 +269,18 @@ def test_cls_read_is_refused_before_any_forward_where_there_is_no_class_token():
     assert calls == []
     read = extract(model, batches, [Site("0", class_token=True)], read="cls", progress=False)
     assert read["0"].tolist() == [1.0] * 4  # token 0 of the positives minus token 0 of the negatives
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "probe", "actadd"])
+def test_no_contrast_warns_that_the_direction_is_all_zeros(method):
+    model = torch.nn.Sequential(torch.nn.Identity())
+    same = torch.randn(4, 3, 5)
+    batches = [{"positive": same, "negative": same.clone()}]
+    read = "all" if method == "actadd" else "last"
+    with pytest.warns(UserWarning, match=rf"{method} direction is all zeros at 0.*no contrast"):
+        vector = extract(model, batches, ["0"], method=method, read=read, progress=False)
+    assert not vector["0"].any()
+    different = [{"positive": same + 1, "negative": same}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(model, different, ["0"], method=method, read=read, progress=False)

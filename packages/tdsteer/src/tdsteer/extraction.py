@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -263,6 +264,15 @@ class Extraction:
     def to_vector(self, model: nn.Module | None = None, *, model_name: str | None = None) -> SteeringVector:
         """Finish: one direction per site, with metadata."""
         directions = {key: agg.result().cpu() for key, agg in self.aggregators.items()}
+        flat = [key for key, direction in directions.items() if not bool(direction.any())]
+        if flat:
+            warnings.warn(
+                f"The {self.method} direction is all zeros at {', '.join(flat)}: the positive and negative examples "
+                "read the same there (no contrast). Check that the pairs differ, and that the read position "
+                "(read=...) lands where they do.",
+                UserWarning,
+                stacklevel=3,
+            )
         metadata = make_metadata(
             model,
             directions,
