@@ -19,7 +19,6 @@ from tdsteer_eval.runner import EvalOptions, run_sweep, task_manager
 from tdsteer_eval.sweep import SweepRecord, records_from_results, sweep
 from tdsteer_eval.task_data import BEHAVIOUR_TASKS, SHIPPED_TASKS, TASKS_DIR
 from tdsteer_eval.tasks import DEMO_TASK, write_demo_task, write_multiple_choice_task
-from tdsteer_eval.vectors import load_vector
 
 __all__ = [
     "BEHAVIOUR_TASKS",
@@ -34,7 +33,6 @@ __all__ = [
     "layer_sweep",
     "layer_vectors",
     "least_squares_slope",
-    "load_vector",
     "record_layers",
     "records_from_results",
     "run_sweep",

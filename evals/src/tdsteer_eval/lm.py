@@ -18,9 +18,8 @@ from tdsteer.checks import Check, as_check
 from tdsteer.handle import SteeringHandle
 from tdsteer.operators import as_operator
 from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_policy
-from tdsteer.vector import VectorSource
+from tdsteer.vector import VectorSource, as_vector, is_lm_eval_file
 from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
-from tdsteer_eval.vectors import is_lm_eval_file, load_vector
 
 #: Position policies of :class:`SteeredLM`: the core's, plus ``"assistant"``.
 POSITIONS = (*POSITION_POLICIES[:-1], "assistant", POSITION_POLICIES[-1])
@@ -124,13 +123,13 @@ class SteeredLM(HFLM):
         self._core_positions = check_positions(positions)
         as_operator(operator)  # a bad operator fails before the model loads
         # Before the model loads, so that a bad file fails fast (a .pt file is re-keyed once the model is known).
-        loaded = load_vector(vector)
+        loaded = as_vector(vector)
         self._handle: SteeringHandle | None = None
         self._warned: set[str] = set()
         super().__init__(pretrained=pretrained, **kwargs)
         self._shard_on_cpus()
         if is_lm_eval_file(vector):
-            loaded = load_vector(vector, self.model)
+            loaded = as_vector(vector, self.model)
         chosen = split_sites(sites)
         if chosen is not None:
             loaded = loaded.select(chosen)
@@ -167,7 +166,7 @@ class SteeredLM(HFLM):
     def vector(self, value: VectorSource) -> None:
         if self._handle is not None:
             raise RuntimeError("Cannot change the vector while a request set is being evaluated")
-        loaded = load_vector(value, self.model)
+        loaded = as_vector(value, self.model)
         loaded.validate(self.model, check="ignore")
         self._vector = loaded
         self.vector_source = _source_path(value)

@@ -7,74 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-import tdsteer
 from tdsteer import SteeringVector
-from tdsteer.vector import VectorSource
-
-LM_EVAL_SUFFIX = ".pt"
-
-
-def is_lm_eval_file(source: object) -> bool:
-    """Whether ``source`` names an lm-eval ``steered`` file (a path ending in ``.pt``).
-
-    Examples:
-        >>> is_lm_eval_file("steer.pt"), is_lm_eval_file("v.safetensors")
-        (True, False)
-    """
-    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == LM_EVAL_SUFFIX
-
-
-def base_model_prefix(model: nn.Module) -> str:
-    """Path of ``model.base_model`` inside ``model``: what lm-eval's hookpoints are relative to.
-
-    Args:
-        model: A Hugging Face model (``transformer`` for GPT-2, ``model`` for Llama).
-
-    Returns:
-        The module path, or ``""`` when the model is its own base model (or has none).
-
-    Examples:
-        >>> import torch
-        >>> base_model_prefix(torch.nn.Linear(2, 2))
-        ''
-    """
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        return ""
-    for name, module in model.named_modules():
-        if module is base:
-            return name
-    return ""
-
-
-def load_vector(source: VectorSource, model: nn.Module | None = None) -> SteeringVector:
-    """Load a steering vector from any source the evaluation accepts.
-
-    Args:
-        source: A :class:`tdsteer.SteeringVector`, a mapping ``{site path: tensor}``, a tdsteer
-            ``.safetensors`` file, or an lm-eval ``steered`` ``.pt`` file.
-        model: For a ``.pt`` file: the model, whose :func:`base_model_prefix` turns lm-eval's
-            hookpoints into site paths (without it the hookpoints are used as they are).
-
-    Returns:
-        The vector.
-
-    Raises:
-        tdsteer.SteeringVectorFileError: A missing or unreadable file.
-        TypeError: ``source`` is none of the accepted types.
-
-    Examples:
-        >>> import torch
-        >>> load_vector({"transformer.h.0": torch.ones(2)}).keys()
-        ['transformer.h.0']
-    """
-    if is_lm_eval_file(source):
-        assert isinstance(source, (str, os.PathLike))
-        prefix = base_model_prefix(model) if model is not None else ""
-        return SteeringVector.from_lm_eval(Path(source).expanduser(), prefix=prefix)
-    return tdsteer.as_vector(source)
+from tdsteer.vector import VectorSource, is_lm_eval_file
 
 
 def hidden_sizes(vector: SteeringVector) -> set[int]:

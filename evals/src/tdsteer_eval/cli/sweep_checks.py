@@ -27,10 +27,11 @@ from tdsteer.cli import CLIError, one_line, parse_layers, parse_positions, parse
 from tdsteer.model_facts import model_hidden_size
 from tdsteer.operators import as_operator
 from tdsteer.positions import PositionsLike
+from tdsteer.vector import as_vector
 from tdsteer_eval.lm import split_sites
 from tdsteer_eval.runner import EvalOptions, task_manager, versions
 from tdsteer_eval.task_data import SHIPPED_TASKS, check_data_file
-from tdsteer_eval.vectors import describe_vector, hidden_sizes, load_vector
+from tdsteer_eval.vectors import describe_vector, hidden_sizes
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.sites import describe
 
@@ -110,7 +111,7 @@ def _structure(config: Any, trust_remote_code: bool) -> nn.Module | None:
 def _check_vector(args: argparse.Namespace, config: Any, structure: nn.Module | None) -> SteeringVector:
     if not Path(args.vector).expanduser().is_file():
         raise CLIError(f"--vector {args.vector!r}: no such file")
-    vector = load_vector(args.vector, structure)
+    vector = as_vector(args.vector, structure)
     sites = split_sites(args.sites.replace(",", " ")) if args.sites else None
     if sites:
         unknown = [s for s in sites if s not in vector]

@@ -372,18 +372,55 @@ def vector_from_sites(
 VectorSource = SteeringVector | str | os.PathLike[str] | Mapping[str, Tensor]
 
 
-def as_vector(vector: VectorSource) -> SteeringVector:
+LM_EVAL_SUFFIX = ".pt"
+
+
+def is_lm_eval_file(source: object) -> bool:
+    """Whether ``source`` names an lm-eval ``steered`` file (a path ending in ``.pt``).
+
+    Examples:
+        >>> is_lm_eval_file("steer.pt"), is_lm_eval_file("v.safetensors")
+        (True, False)
+    """
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == LM_EVAL_SUFFIX
+
+
+def base_model_prefix(model: nn.Module) -> str:
+    """Path of ``model.base_model`` inside ``model``: what lm-eval's hookpoints are relative to.
+
+    Returns:
+        The module path (``"transformer"`` for GPT-2, ``"model"`` for Llama), or ``""`` when the
+        model is its own base model or has none.
+
+    Examples:
+        >>> import torch
+        >>> base_model_prefix(torch.nn.Linear(2, 2))
+        ''
+    """
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def as_vector(vector: VectorSource, model: nn.Module | None = None) -> SteeringVector:
     """Return ``vector`` as a :class:`SteeringVector`: the one way every package loads a vector.
 
     Args:
-        vector: A :class:`SteeringVector`, the path of a tdsteer ``.safetensors`` file (``~`` expanded),
-            or a mapping ``{site path: tensor}``.
+        vector: A :class:`SteeringVector`, the path of a tdsteer ``.safetensors`` file (``~``
+            expanded), the path of an lm-eval ``steered`` ``.pt`` file, or a mapping
+            ``{site path: tensor}``.
+        model: For a ``.pt`` file: the model, whose :func:`base_model_prefix` turns lm-eval's
+            hookpoints into site paths (without it the hookpoints are used as they are).
 
     Returns:
         The steering vector (on the CPU when read from a file).
 
     Raises:
-        SteeringVectorFileError: The file is missing or is not a tdsteer vector file.
+        SteeringVectorFileError: The file is missing or is not a vector file.
         TypeError: ``vector`` is none of the accepted types.
 
     Examples:
@@ -394,10 +431,13 @@ def as_vector(vector: VectorSource) -> SteeringVector:
     if isinstance(vector, SteeringVector):
         return vector
     if isinstance(vector, (str, os.PathLike)):
-        return SteeringVector.load(Path(vector).expanduser())
+        path = Path(vector).expanduser()
+        if is_lm_eval_file(path):
+            return SteeringVector.from_lm_eval(path, prefix=base_model_prefix(model) if model is not None else "")
+        return SteeringVector.load(path)
     if isinstance(vector, Mapping):
         return vector_from_sites({key: value for key, value in vector.items()})
     raise TypeError(
-        f"vector must be a tdsteer.SteeringVector, the path of a tdsteer .safetensors file, or a mapping "
+        f"vector must be a tdsteer.SteeringVector, the path of a .safetensors or lm-eval .pt file, or a mapping "
         f"{{site path: tensor}}; got {type(vector).__name__}"
     )

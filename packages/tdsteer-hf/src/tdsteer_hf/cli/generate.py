@@ -24,6 +24,7 @@ from tdsteer.cli import (
     warn,
 )
 from tdsteer.operators import OPERATORS
+from tdsteer.vector import is_lm_eval_file
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.sites import describe
 
@@ -153,6 +154,10 @@ def _run(args: argparse.Namespace) -> int:
     with transformers_console():
         model = load_model(args.model, dtype=args.dtype, device=args.device, need_generate=True)
         tokenizer = load_tokenizer(args.model)
+    if is_lm_eval_file(args.vector):  # lm-eval hookpoints are relative to model.base_model
+        vector = tdsteer.as_vector(args.vector, model)
+        if args.sites:
+            vector = vector.select([key.strip() for key in args.sites.split(",") if key.strip()])
     try:
         vector.validate(model, check=args.check, site_sizes=site_sizes(model))
     except ValueError as error:
