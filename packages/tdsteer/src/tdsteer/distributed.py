@@ -18,7 +18,7 @@ Examples:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -110,20 +110,59 @@ def shard(items: Sequence[T], group: Any = None) -> list[T]:
     return list(items[rank::size])
 
 
-def agree(error: BaseException | None, group: Any = None) -> None:
+def gather(value: T, group: Any = None) -> list[T]:
+    """``value`` of every rank, in rank order (``[value]`` outside a group of several processes).
+
+    A collective: call it on every rank at the same point. ``value`` must be picklable.
+
+    Examples:
+        >>> gather(3)
+        [3]
+    """
+    if not active(group):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
+def agree(
+    error: BaseException | None,
+    group: Any = None,
+    *,
+    keep: Mapping[type[BaseException], type[RankError]] | None = None,
+) -> None:
     """Share whether any rank failed: if one did, every rank raises :class:`RankError` with its message.
 
     Call it on every rank at the same point (it is a collective), with the exception this rank caught
-    or ``None``.
+    or ``None``. Outside a group of several processes, ``error`` itself is raised.
+
+    Args:
+        error: The exception this rank caught, or ``None``.
+        group: The ``torch.distributed`` group (default: the whole world).
+        keep: Kinds of failure that every rank reports as such: when the first failing rank's
+            exception is an instance of a key, every rank raises the mapped subclass of
+            :class:`RankError` (which may also derive from the key, so that callers catch it either
+            way) instead of :class:`RankError` itself.
+
+    Raises:
+        RankError: Some rank failed (the first one is named: ``rank 1 of 2 failed: ...``).
+
+    Examples:
+        >>> agree(None)
     """
     if not active(group):
         if error is not None:
             raise error
         return
-    messages: list[Any] = [None] * dist.get_world_size(group)
-    mine = None if error is None else " ".join(str(error).split()) or type(error).__name__
-    dist.all_gather_object(messages, mine, group=group)
-    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    kinds = list(keep or {})
+    mine = None
+    if error is not None:
+        kind = next((i for i, cls in enumerate(kinds) if isinstance(error, cls)), None)
+        mine = (" ".join(str(error).split()) or type(error).__name__, kind)
+    messages = gather(mine, group)
+    failed = [(rank, sent) for rank, sent in enumerate(messages) if sent is not None]
     if failed:
-        rank, message = failed[0]
-        raise RankError(f"rank {rank} of {len(messages)} failed: {message}") from error
+        rank, (message, kind) = failed[0]
+        raised = RankError if kind is None or keep is None else keep[kinds[kind]]
+        raise raised(f"rank {rank} of {len(messages)} failed: {message}") from error

@@ -17,7 +17,9 @@ accumulating in float64.
 Modules: :mod:`~tdsteer.cache.files` (the header, progress and lock files),
 :mod:`~tdsteer.cache.storage` (chunks, columns, checksums, disk space),
 :mod:`~tdsteer.cache.fingerprint` (the data order and the weights a resume is checked against),
-:mod:`~tdsteer.cache.recording` (running a model and appending its readings) and
+:mod:`~tdsteer.cache.recording` (running a model and appending its readings),
+:mod:`~tdsteer.cache.manifest` and :mod:`~tdsteer.cache.ranks` (one cache recorded by several
+``torch.distributed`` ranks, one cache folder per rank under a manifest, read as one) and
 :mod:`~tdsteer.cache.reading` (the :class:`ActivationCache` read API and fitting).
 """
 

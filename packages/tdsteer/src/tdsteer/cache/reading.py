@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.cache.files import ROW_FIELDS
-from tdsteer.cache.recording import record_cache
+from tdsteer.cache.ranks import RankedStore, open_store, record_store
+from tdsteer.cache.recording import plan_recording
 from tdsteer.cache.storage import CacheStore, Chunk, Verify
 from tdsteer.keys import BatchKeys
 from tdsteer.reading import Reader, ReadLike
@@ -34,6 +35,10 @@ class ActivationCache:
     ``pair`` (pair id, ``-1`` for labelled batches), ``index`` (example number) and ``length`` (real
     tokens, ``0`` without an attention mask).
 
+    A cache recorded by several ``torch.distributed`` ranks (:meth:`record`) reads as one: every read
+    spans the rows of rank 0, then rank 1 and on, ``index`` and ``pair`` numbering the examples in
+    that order; ``metadata["world_size"]`` gives the number of ranks.
+
     Args:
         store: The recorded rows (package-internal; use :meth:`record` or :meth:`load`).
 
@@ -48,7 +53,7 @@ class ActivationCache:
         torch.Size([3])
     """
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore | RankedStore) -> None:
         self.store = store
         self.header = store.header
         self.path = store.path
@@ -65,7 +70,9 @@ class ActivationCache:
         chunk is checked the first time any of its rows is read, so opening is instant and a cache
         that is only partly read is only partly checked (reading the data once more costs about as
         much as reading it); ``"on_load"`` checks every chunk now; ``"off"`` never checks. Caches
-        written before checksums (format 1) load without checks.
+        written before checksums (format 1) load without checks. A folder recorded by several
+        ranks opens as one cache once its recording finished (every rank's cache holds what its
+        ``manifest.json`` claims); no process group is needed.
 
         Args:
             path: The folder given to :meth:`record`.
@@ -75,8 +82,9 @@ class ActivationCache:
             The cache, its files mapped lazily and read-only.
 
         Raises:
-            ActivationCacheError: Not a tdsteer cache, damaged header or progress files, truncated
-                files, or (now or on first read) data that fails its checksum.
+            ActivationCacheError: Not a tdsteer cache, damaged header, progress or manifest files,
+                truncated files, (now or on first read) data that fails its checksum, or a recording by
+                several ranks that has not finished.
 
         Examples:
             >>> import tempfile, torch
@@ -86,7 +94,7 @@ class ActivationCache:
             >>> ActivationCache.load(path, verify="on_load").labels.tolist()
             [0, 1]
         """
-        return cls(CacheStore.open(Path(path), verify=verify))
+        return cls(open_store(Path(path), verify))
 
     @classmethod
     def record(
@@ -107,6 +115,8 @@ class ActivationCache:
         model_name: str | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
+        distributed: bool | None = None,
+        group: Any = None,
     ) -> ActivationCache:
         """Run ``model`` over ``batches`` once and keep what ``sites`` read.
 
@@ -133,20 +143,29 @@ class ActivationCache:
             model_name: Recorded name (default: ``config.name_or_path``).
             progress: Show a tqdm bar over examples.
             device: Where batch tensors go (default: the model's device).
+            distributed: Record as one rank of several: every rank of ``group`` calls ``record``
+                with its share of the data (e.g. batches of :func:`tdsteer.distributed.shard` of the
+                examples; a share may be empty) and the same ``path``, and records into its own
+                cache ``path/rank-RRRRR-of-NNNNN``, resumed on its own; rank 0 then writes
+                ``path/manifest.json``. ``None`` (default): when a process group of several
+                processes is initialised (``torchrun``). Only rank 0 shows a progress bar; a failure
+                on any rank fails every rank with the same :class:`tdsteer.distributed.RankError`.
+            group: ``torch.distributed`` group of the ranks (default: the whole world).
 
         Returns:
-            The cache (reopen it later with :meth:`load`).
+            The cache (reopen it later with :meth:`load`); under ``distributed``, every rank's rows.
 
         Raises:
             ActivationCacheError: ``path`` holds a cache with other settings, other data or
                 another model's weights, or one written by format 1; another process is recording
-                into ``path``; or there is not enough disk space.
+                into ``path``; or there is not enough disk space. Under ``distributed``, on every
+                rank, also: no ``path``, ``path`` recorded by another number of ranks or by one
+                process, a rank with another model than rank 0, two ranks with the same examples.
         """
-        store = record_cache(
+        plan = plan_recording(
             model,
             batches,
             sites,
-            path=None if path is None else Path(path),
             read=read,
             dtype=dtype,
             num_examples=num_examples,
@@ -159,6 +178,7 @@ class ActivationCache:
             progress=progress,
             device=device,
         )
+        store = record_store(plan, None if path is None else Path(path), distributed=distributed, group=group)
         return cls(store)
 
     def __len__(self) -> int:

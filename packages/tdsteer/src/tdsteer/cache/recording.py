@@ -37,6 +37,7 @@ from tdsteer.cache.files import (
     recording_lock,
 )
 from tdsteer.cache.fingerprint import DataOrder, slice_examples, weights_fingerprint
+from tdsteer.cache.manifest import holds_only_rank_files, recorded_world_sizes
 from tdsteer.cache.storage import CacheStore
 from tdsteer.errors import ActivationCacheError
 from tdsteer.extraction import SiteRecorder, model_device
@@ -74,12 +75,35 @@ class CallReading(NamedTuple):
     lengths: Tensor | None  # None: the inputs had no attention mask
 
 
-def record_cache(
+class Settings(NamedTuple):
+    """What a recording runs: the model, its data and how batches are read."""
+
+    model: nn.Module
+    batches: Iterable[Mapping[str, Any]]
+    sites: list[Site]
+    read: ReadLike | Reader
+    keys: BatchKeys
+    label_key: str
+    inputs_key: str
+    progress: bool
+    device: torch.device | str | None
+
+
+class Plan(NamedTuple):
+    """A checked recording request: the header to write (hidden sizes still unknown) and where rows go."""
+
+    header: dict[str, Any]
+    num_examples: int | None
+    chunk_rows: int
+    checkpoint_every: float
+    settings: Settings
+
+
+def plan_recording(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     sites: SiteLike | Sequence[SiteLike],
     *,
-    path: Path | None,
     read: ReadLike | Reader,
     dtype: torch.dtype | str,
     num_examples: int | None,
@@ -91,8 +115,9 @@ def record_cache(
     model_name: str | None,
     progress: bool,
     device: torch.device | str | None,
-) -> CacheStore:
-    """The work of :meth:`tdsteer.cache.ActivationCache.record`, whose docstring gives the arguments."""
+) -> Plan:
+    """Check the arguments of :meth:`tdsteer.cache.ActivationCache.record` (whose docstring gives them)
+    and build the header of the cache, the model's weights fingerprint included."""
     site_list = as_sites(sites)
     if isinstance(read, str) and read == "all":
         raise ValueError("An activation cache keeps one row per example: use a read such as 'last' or 'mean'")
@@ -112,16 +137,44 @@ def record_cache(
         "data_fingerprint": getattr(batches, "fingerprint", None),
         "tdsteer_version": __version__,
     }
-    settings = (model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
+    settings = Settings(model, batches, site_list, read, keys, label_key, inputs_key, progress, device)
+    return Plan(header, num_examples, chunk_rows, checkpoint_every, settings)
+
+
+def record_cache(plan: Plan, path: Path | None) -> CacheStore:
+    """The work of :meth:`tdsteer.cache.ActivationCache.record` in one process: in memory, or into
+    ``path`` under its lock (resuming the cache there)."""
     if path is None:
-        return Recording(None, header, path, num_examples, chunk_rows, checkpoint_every).run(*settings)
+        return _recorded(record_locked(plan, None))
     if path.exists() and not path.is_dir():
         raise ActivationCacheError(f"{str(path)!r} is a file, not a folder; choose a folder for the cache")
     if not (path / HEADER).is_file() and not holds_only_cache_files(path):
+        sizes = recorded_world_sizes(path) if holds_only_rank_files(path) else []
+        if sizes:
+            raise ActivationCacheError(
+                f"{str(path)!r} holds a cache recorded by {sizes[-1]} ranks under torch.distributed; resume it with "
+                f"{sizes[-1]} processes (torchrun), load it with ActivationCache.load, or record to another path"
+            )
         raise ActivationCacheError(f"{str(path)!r} exists and is not an activation cache; choose an empty folder")
     with recording_lock(path):
-        store = existing_cache(header, path)
-        return Recording(store, header, path, num_examples, chunk_rows, checkpoint_every).run(*settings)
+        return _recorded(record_locked(plan, path))
+
+
+def _recorded(store: CacheStore | None) -> CacheStore:
+    assert store is not None  # without allow_empty, an empty recording raised
+    return store
+
+
+def record_locked(plan: Plan, path: Path | None, *, allow_empty: bool = False) -> CacheStore | None:
+    """Record ``plan`` into ``path`` (whose lock the caller holds), resuming the cache there.
+
+    Returns:
+        The finished store; ``None`` when ``allow_empty`` and there was nothing to record (no batch,
+        no cache before).
+    """
+    store = existing_cache(plan.header, path) if path is not None else None
+    recording = Recording(store, plan.header, path, plan.num_examples, plan.chunk_rows, plan.checkpoint_every)
+    return recording.run(*plan.settings, allow_empty=allow_empty)
 
 
 class Recording:
@@ -155,8 +208,10 @@ class Recording:
         inputs_key: str,
         progress: bool,
         device: torch.device | str | None,
-    ) -> CacheStore:
-        """Record ``batches`` and return the finished store."""
+        *,
+        allow_empty: bool = False,
+    ) -> CacheStore | None:
+        """Record ``batches`` and return the finished store (``None``: nothing, and ``allow_empty``)."""
         target = torch.device(device) if device is not None else model_device(model)
         recorder = SiteRecorder(sites, read, stop_early=True)
         order = DataOrder()
@@ -189,6 +244,8 @@ class Recording:
                 f"{order.examples}; resume with the same data, or record to another path"
             )
         if self.store is None or self.store.rows == 0:
+            if allow_empty:  # a rank whose shard is empty
+                return None
             raise ValueError("No batches to record: the data is empty")
         self.store.finish()
         return self.store

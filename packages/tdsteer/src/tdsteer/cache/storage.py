@@ -104,6 +104,7 @@ class Chunk:
         self._data: dict[str, Tensor] | None = None
         self._dirty: set[str] = set()
         self._new = create
+        self.offset = 0  # examples before this chunk's cache, in a cache recorded by several ranks
         self._unverified = folder is not None and not create and self.crc32 is not None and verify != "off"
         if folder is None:
             self._data = {c.name: torch.zeros(c.shape(rows), dtype=c.dtype) for c in columns}
@@ -136,7 +137,8 @@ class Chunk:
 
     @property
     def data(self) -> dict[str, Tensor]:
-        """Every column of this chunk (memory-mapped read-only on first use for a cache on disk)."""
+        """Every column of this chunk (memory-mapped read-only on first use for a cache on disk), its
+        ``index`` and ``pair`` shifted by ``offset``."""
         if self._data is None:
             assert self.folder is not None
             self.verify()
@@ -146,6 +148,10 @@ class Chunk:
                 )
                 for name, column in self.columns.items()
             }
+            if self.offset:  # number the examples after those of the ranks before
+                self._data["index"] = self._data["index"] + self.offset
+                pair = self._data["pair"]
+                self._data["pair"] = torch.where(pair >= 0, pair + self.offset, pair)
         return self._data
 
     def verify(self) -> None:
