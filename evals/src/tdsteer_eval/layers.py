@@ -18,6 +18,7 @@ from lm_eval.tasks import TaskManager
 from torch import nn
 
 from tdsteer import ActivationCache, SteeringVector
+from tdsteer import distributed as parallel
 from tdsteer.sites import SiteLike, as_site
 from tdsteer_eval.results import CACHE_FOLDER, check_output
 from tdsteer_eval.runner import EvalOptions, run_sweep
@@ -39,7 +40,9 @@ def record_layers(
         batches: Contrastive batches (``tdsteer_hf.contrastive_batches``); re-iterable to resume.
         sites: The sites of every layer to compare.
         read: The read position (``"last"``, ``"answer"``, ``"mean"``...).
-        path: A folder to keep the cache in (a recording there resumes); ``None``: in memory.
+        path: A folder to keep the cache in (a recording there resumes); ``None``: in memory. Under
+            a launcher (``accelerate launch``, ``torchrun``) each rank records its share of the
+            batches into that folder, and every rank reads back all of them.
         progress: Show a progress bar.
 
     Returns:
@@ -52,7 +55,15 @@ def record_layers(
         >>> sorted(layer_vectors(cache, ["0", "1"])["1"].directions)
         ['1']
     """
-    return ActivationCache.record(model, batches, list(sites), read=read, path=path, progress=progress)
+    if not parallel.active():
+        return ActivationCache.record(model, batches, list(sites), read=read, path=path, progress=progress)
+    if path is None:  # in memory under a launcher: every rank records every batch for itself
+        return ActivationCache.record(model, batches, list(sites), read=read, progress=progress, distributed=False)
+    # one folder for all ranks: each records its share of the batches, read back as one cache
+    mine = parallel.shard(list(batches))
+    return ActivationCache.record(
+        model, mine, list(sites), read=read, path=path, progress=progress and parallel.is_main()
+    )
 
 
 def layer_vectors(
