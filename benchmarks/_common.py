@@ -61,7 +61,13 @@ def parse_with_quick(
         f"--{name.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
         for name, value in quick.items()
     )
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run with small sizes: {shown}")
+    parser.add_argument(
+        "--quick",
+        "--smoke",
+        dest="quick",
+        action="store_true",
+        help=f"a smoke run with small sizes, checks without timing verdicts (what CI runs): {shown}",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**quick)
