@@ -6,10 +6,13 @@ Measures, against the same model run plainly:
   ``"all"`` and ``"from:k"``, which builds a per-row position mask in every hooked layer);
 * (b) ``generate`` of new tokens (greedy, KV cache) steered at all layers, positions ``"all"`` and
   ``"generated"`` (a position mask on every decoding step);
-* (c) the floor, a bare ``register_forward_hook`` that adds the vector, and the peer, the
-  ``steering-vectors`` package, when it is importable;
+* (c) the floor, a bare ``register_forward_hook`` that adds the vector, tdhook's own
+  ``SteeringVectors``, and the peer, the ``steering-vectors`` package, when it is importable;
 * (d) ``tdsteer.extract`` over N contrastive batches against a plain forward over the same batches,
-  reading a middle and the last layer, with ``stop_early`` on (the default) and off.
+  reading a middle and the last layer, with ``stop_early`` on (the default) and off;
+* (e) opening and closing each context (target: 50 us plus 10 us per site on a CPU);
+* (f) compiled vs eager ``generate`` with a static cache, plain and steered (target: compiled steered
+  within 1.01x compiled plain).
 
 Every timed call runs inside an already open context (for forwards, after one untimed 1-token
 call that lets the context do its first-call setup); opening and closing the contexts is timed
@@ -17,7 +20,8 @@ apart. Cases are interleaved round by round (the order rotates), and the table g
 
     python benchmarks/bench_steering.py                 # cuda if available, else cpu (small sizes)
     python benchmarks/bench_steering.py --device cpu --full
-    python benchmarks/bench_steering.py --quick         # a smoke run: tiny batches, few rounds
+    python benchmarks/bench_steering.py --quick         # tiny batches, few rounds
+    python benchmarks/bench_steering.py --smoke         # the correctness checks only, no timing (CI)
 """
 
 from __future__ import annotations
@@ -25,10 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,22 @@ import tdsteer
 # _common.py (the helpers the benchmarks share) sits beside this script. `python benchmarks/<script>.py`
 # puts this folder on sys.path; runpy.run_path and `python -P` do not, so make sure it is there.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, print_header, timed, write_results
-
-FORWARD_TARGET = 1.02
-EXTRACT_TARGET = 1.05
+from _common import add_common_args, write_results
+from _steering_compiled import bench_compiled, default_backend
+from _steering_contexts import (
+    bare_hooks,
+    context_cases,
+    layer_path,
+    load_peer,
+    peer_context,
+    print_contexts,
+    tdhook_context,
+    tdsteer_context,
+    time_contexts,
+    time_set_scale,
+)
+from _steering_timing import COMPILED_TARGET, EXTRACT_TARGET, FORWARD_TARGET, ContextFactory, interleaved, print_table
+from _steering_timing import summarize as summarize_times
 
 # Sizes: "full" is the GPU default, "small" the CPU default (same model shape, smaller batches), "quick"
 # a smoke run that only shows that every case runs.
@@ -94,136 +108,6 @@ PRESETS: dict[str, dict[str, int]] = {
     },
 }
 
-ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-# -- timing ---------------------------------------------------------------------------------------
-
-
-def interleaved(
-    cases: dict[str, tuple[ContextFactory, Callable[[], Any]]],
-    *,
-    repeats: int,
-    warmup: int,
-    device: torch.device,
-    label: str,
-    prime: Callable[[], Any] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Time ``call`` inside ``context()`` for every case, one round of all cases after another.
-
-    The order of the cases rotates every round so that no case always runs first or last. ``prime``
-    runs untimed inside the context first, so that what a context does once on its first call
-    (casting the vector, ``scale * v``) is left out. Returns wall-clock seconds and this process's
-    CPU seconds (all threads) of each timed call.
-    """
-    names = list(cases)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu_times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            make_context, call = cases[name]
-            with make_context():
-                if prime is not None:
-                    prime()
-                with timed(device) as clock:
-                    call()
-            if round_index >= warmup:
-                times[name].append(clock.wall)
-                cpu_times[name].append(clock.cpu)
-        done = round_index + 1
-        print(f"  {label}: round {done}/{warmup + repeats}{' (warm-up)' if done <= warmup else ''}", file=sys.stderr)
-    return times, cpu_times
-
-
-def context_overhead(factories: dict[str, ContextFactory], repeats: int) -> dict[str, float]:
-    """Median seconds to open and close each context, with no model call inside."""
-    samples: dict[str, list[float]] = {name: [] for name in factories}
-    for _ in range(repeats):
-        for name, make_context in factories.items():
-            start = time.perf_counter()
-            with make_context():
-                pass
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def summarize(
-    timings: tuple[dict[str, list[float]], dict[str, list[float]]], baseline: str
-) -> dict[str, dict[str, Any]]:
-    """Median, ratio of medians and median of the per-round ratios against ``baseline``.
-
-    The CPU-time ratio (this process's CPU seconds) shrugs off time spent descheduled by other
-    processes on a busy machine; it means little on CUDA, where the host waits for the device.
-    """
-    times, cpu_times = timings
-    base, base_cpu = times[baseline], cpu_times[baseline]
-    summary = {}
-    for name, values in times.items():
-        paired = [value / ref for value, ref in zip(values, base)]
-        summary[name] = {
-            "median_s": statistics.median(values),
-            "ratio": statistics.median(values) / statistics.median(base),
-            "paired_ratio": statistics.median(paired),
-            "paired_min": min(paired),
-            "paired_max": max(paired),
-            "cpu_median_s": statistics.median(cpu_times[name]),
-            "cpu_ratio": statistics.median(cpu_times[name]) / max(statistics.median(base_cpu), 1e-12),
-            "times_s": values,
-            "cpu_times_s": cpu_times[name],
-        }
-    return summary
-
-
-# -- contexts -------------------------------------------------------------------------------------
-
-
-def layer_path(index: int) -> str:
-    return f"transformer.h.{index}"
-
-
-def tdsteer_context(model: nn.Module, vectors: dict[str, Tensor], scale: float, positions: str) -> ContextFactory:
-    return lambda: tdsteer.steer(model, vectors, scale=scale, operator="add", positions=positions)
-
-
-@contextlib.contextmanager
-def bare_hooks(model: nn.Module, deltas: dict[str, Tensor]) -> Iterator[None]:
-    """The floor: one ``register_forward_hook`` per layer that adds a ready-made delta."""
-
-    def adder(delta: Tensor) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (output[0] + delta,) + output[1:]
-            return output + delta
-
-        return hook
-
-    handles = [model.get_submodule(path).register_forward_hook(adder(delta)) for path, delta in deltas.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def load_peer() -> tuple[Any, str | None]:
-    """The ``steering_vectors`` module, or ``None`` and why not."""
-    try:
-        import steering_vectors
-    except ImportError as error:
-        return None, (
-            f"steering-vectors is not importable ({error}). Its metadata pins transformers<5, so a plain "
-            "`pip install steering-vectors` would replace this environment's transformers; "
-            "`pip install --no-deps steering-vectors` installs it beside transformers 5 (it needs scikit-learn)"
-        )
-    return steering_vectors, None
-
-
-def peer_context(peer: Any, model: nn.Module, vectors: dict[int, Tensor], scale: float) -> ContextFactory:
-    vector = peer.SteeringVector(layer_activations=vectors, layer_type="decoder_block")
-    return lambda: vector.apply(model, multiplier=scale)
-
-
 # -- data -----------------------------------------------------------------------------------------
 
 
@@ -253,11 +137,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in PRESETS["full"]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="overrides the preset")
     parser.add_argument("--scale", type=float, default=4.0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["forward", "generate", "extract", "peer"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["forward", "generate", "extract", "peer", "contexts", "compiled"]
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="run every correctness check at the quick sizes, time nothing (CI)"
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend of (f): inductor where a C compiler is present, else aot_eager "
+        "(aot_eager with --smoke, which compiles faster)",
+    )
+    parser.add_argument("--context-cycles", type=int, default=200, help="enter/exit cycles per sample of (e)")
     add_common_args(parser, results="steering-<cpu|cuda>.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.quick:
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.smoke else default_backend()
+    if args.quick or args.smoke:
         preset = "quick"
     else:
         preset = "full" if args.full or (not args.small and device.type == "cuda") else "small"
@@ -293,6 +191,7 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
         f"tdsteer 12 layers from:{k}": tdsteer_context(model, every, scale, f"from:{k}"),
         "floor 1 layer": lambda: bare_hooks(model, ctx["one_delta"]),
         "floor 12 layers": lambda: bare_hooks(model, ctx["every_delta"]),
+        "tdhook SteeringVectors 12 layers": tdhook_context(model, ctx["every_delta"]),
     }
     if ctx["peer"] is not None:
         contexts["steering-vectors 1 layer"] = peer_context(ctx["peer"], model, ctx["one_peer"], scale)
@@ -323,6 +222,13 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
     check_same(
         "forward: tdsteer 1 layer == floor 1 layer", outputs["tdsteer 1 layer"], outputs["floor 1 layer"], checks, atol
     )
+    check_same(
+        "forward: tdhook SteeringVectors 12 layers == floor 12 layers",
+        outputs["tdhook SteeringVectors 12 layers"],
+        outputs["floor 12 layers"],
+        checks,
+        atol,
+    )
     if "steering-vectors 12 layers" in outputs:
         check_same(
             "forward: steering-vectors 12 layers == floor 12 layers",
@@ -339,7 +245,8 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
     changed = float((steered[~early] - plain[~early]).abs().max())
     checks[f"forward: from:{k} steers real positions >= {k}"] = {"max_abs_diff": changed, "ok": changed > atol}
     del outputs, plain, steered
-
+    if args.smoke:
+        return {"checks": checks, "from_k": k}
     times = interleaved(
         {name: (factory, forward) for name, factory in contexts.items()},
         repeats=args.repeats,
@@ -348,8 +255,7 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
         label="forward",
         prime=prime,
     )
-    overhead = context_overhead({n: f for n, f in contexts.items() if n != "plain"}, repeats=max(10, args.repeats))
-    return {"summary": summarize(times, "plain"), "context_s": overhead, "checks": checks, "from_k": k}
+    return {"summary": summarize_times(times, "plain"), "checks": checks, "from_k": k}
 
 
 def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -390,7 +296,8 @@ def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, An
     # "generated" leaves the prompt pass alone, so the first new token is the plain one.
     first = bool(torch.equal(outputs["tdsteer 12 layers generated"][:, args.prompt_len], plain[:, args.prompt_len]))
     checks["generate: positions=generated keeps the first new token"] = {"ok": first}
-
+    if args.smoke:
+        return {"checks": checks}
     times = interleaved(
         {name: (factory, generate) for name, factory in contexts.items()},
         repeats=args.gen_repeats,
@@ -398,7 +305,7 @@ def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, An
         device=device,
         label="generate",
     )
-    return {"summary": summarize(times, "plain"), "checks": checks}
+    return {"summary": summarize_times(times, "plain"), "checks": checks}
 
 
 def bench_extract(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -430,6 +337,10 @@ def bench_extract(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
         f"extract {last} stop_early": extraction(last, True),
         f"extract {last} full forward": extraction(last, False),
     }
+    if args.smoke:  # stopping early reads the same activations as a full forward
+        early, full = extraction(middle, True)(), extraction(middle, False)()
+        diff = max(float((early.directions[k] - full.directions[k]).abs().max()) for k in early.directions)
+        return {"checks": {"extract: stop_early == full forward": {"ok": diff <= 1e-5, "max_abs_diff": diff}}}
     times = interleaved(
         {name: (contextlib.nullcontext, call) for name, call in calls.items()},
         repeats=args.extract_repeats,
@@ -437,53 +348,10 @@ def bench_extract(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
         device=device,
         label="extract",
     )
-    return {"summary": summarize(times, "plain forward"), "middle": middle, "last": last}
+    return {"summary": summarize_times(times, "plain forward"), "middle": middle, "last": last}
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def target_for(section: str, name: str) -> float | None:
-    if section in ("forward", "generate") and name.startswith("tdsteer"):
-        return FORWARD_TARGET
-    if section == "extract" and name.startswith("extract"):
-        return EXTRACT_TARGET
-    return None
-
-
-def judge(row: dict[str, Any], target: float) -> str:
-    """``ok`` or ``OVER`` when both ratios agree, ``noise?`` when one is within the target and one is not."""
-    within = [row["ratio"] <= target, row["paired_ratio"] <= target]
-    return "ok" if all(within) else "OVER" if not any(within) else "noise?"
-
-
-def add_verdicts(section: str, result: dict[str, Any]) -> None:
-    for name, row in result["summary"].items():
-        target = target_for(section, name)
-        row["target"] = target
-        row["verdict"] = None if target is None else judge(row, target)
-
-
-def print_table(section: str, title: str, result: dict[str, Any], cpu_column: bool) -> None:
-    add_verdicts(section, result)
-    summary = result["summary"]
-    width = max(len(name) for name in summary) + 2
-    print(f"\n{title}")
-    header = f"  {'case':<{width}}{'median ms':>11}{'ratio':>8}{'paired':>8}{'paired range':>15}"
-    if cpu_column:
-        header += f"{'cpu-time':>10}"
-    header += "   target"
-    print_header(header, indent=2, extend=18)  # the rule runs on under the verdicts
-    for name, row in summary.items():
-        target = target_for(section, name)
-        verdict = ""
-        if target is not None:
-            verdict = f"<= {target:.2f}x  {judge(row, target)}"
-        spread = f"{row['paired_min']:.3f}-{row['paired_max']:.3f}"
-        line = f"  {name:<{width}}{row['median_s'] * 1e3:>11.2f}{row['ratio']:>7.3f}x{row['paired_ratio']:>7.3f}x{spread:>15}"
-        if cpu_column:
-            line += f"{row['cpu_ratio']:>9.3f}x"
-        print(f"{line}   {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,11 +418,18 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "peer": None if ctx["peer"] is None else "steering-vectors",
         "peer_skipped_because": peer_reason if ctx["peer"] is None else None,
-        "targets": {"steered_vs_plain": FORWARD_TARGET, "extract_vs_plain_forward": EXTRACT_TARGET},
+        "targets": {
+            "steered_vs_plain": FORWARD_TARGET,
+            "extract_vs_plain_forward": EXTRACT_TARGET,
+            "compiled_steered_vs_compiled_plain": COMPILED_TARGET,
+            "context_enter_exit_us": "50 + 10 per site",
+        },
+        "compile_backend": args.compile_backend,
     }
     cpu_column = device.type == "cpu"
     print(
-        "ratio = median / median of plain; paired = median of each round's case / plain; the target column says "
+        ("smoke run: the correctness checks only, nothing is timed; " if args.smoke else "")
+        + "ratio = median / median of plain; paired = median of each round's case / plain; the target column says "
         "ok or OVER when both agree, noise? when they straddle the target"
         + (
             "; cpu-time = the same ratio of this process's CPU seconds (less hurt by a busy machine)"
@@ -562,53 +437,97 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
-    if "forward" not in args.skip:
-        forward = bench_forward(args, model, ctx)
-        results["forward"] = forward
-        print_table(
-            "forward", f"(a, c) forward, batch {args.batch} x {args.seq_len} tokens (left padded)", forward, cpu_column
-        )
-        reference = forward["summary"]["plain"]["median_s"]
+    sections = [section for section in SECTIONS if section not in args.skip]
+    for section in sections:
+        results[section] = SECTIONS[section](args, model, ctx)
+        if not args.smoke:
+            report(section, results[section], args, cpu_column)
+    checks = {name: check for section in sections for name, check in results[section].get("checks", {}).items()}
+    print("\nchecks:")
+    for name, check in checks.items():
+        diff = f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else ""
+        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {name}{diff}")
+    failed = [name for name, check in checks.items() if not check["ok"]]
+    if not args.smoke:
+        write_results(results, args.out, f"steering-{device.type}.json")
+    if failed:
+        print(f"\n{len(failed)} check(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def bench_contexts(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
+    """(e) Enter + exit of every context; in a smoke run, only check that each one steers like the floor."""
+    cases = context_cases(model, ctx, args.scale)
+    inputs = to_device(left_padded(2, 8, ctx["vocab"], ctx["generator"]), ctx["device"])
+    checks: dict[str, Any] = {}
+    with bare_hooks(model, ctx["one_delta"]):
+        floor = model(**inputs).logits
+    plain = model(**inputs).logits
+    for name, make_context in cases.items():
+        if " 1 layer" in name:
+            # "generated" steers nothing in a plain forward call
+            want, label = (plain, "plain") if name.endswith("generated") else (floor, "floor 1 layer")
+            with make_context():
+                check_same(f"contexts: {name} == {label}", model(**inputs).logits, want, checks, 1e-3)
+    if args.smoke:
+        return {"checks": checks}
+    rounds = 9 if args.preset != "quick" else 3
+    return {
+        "timings": time_contexts(cases, rounds=rounds, cycles=args.context_cycles),
+        "set_scale_us": time_set_scale(model, ctx["every"], args.context_cycles),
+        "checks": checks,
+    }
+
+
+def bench_compiled_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
+    """(f) Compiled vs eager generate, plain and steered (a static cache)."""
+    prompt = to_device(left_padded(args.gen_batch, args.prompt_len, ctx["vocab"], ctx["generator"]), ctx["device"])
+    return bench_compiled(args, model, ctx, prompt)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module, dict[str, Any]], dict[str, Any]]] = {
+    "forward": bench_forward,
+    "generate": bench_generate,
+    "extract": bench_extract,
+    "contexts": bench_contexts,
+    "compiled": bench_compiled_generate,
+}
+
+
+def report(section: str, result: dict[str, Any], args: argparse.Namespace, cpu_column: bool) -> None:
+    if section == "forward":
+        title = f"(a, c) forward, batch {args.batch} x {args.seq_len} tokens (left padded)"
+        print_table(section, title, result, cpu_column)
         print(
             "  each timed forward runs in a freshly opened context after one untimed 1-token call, so the "
             "context's first-call setup is not in it"
         )
-        print("\n  opening + closing the context (no model call):")
-        for name, seconds in forward["context_s"].items():
-            print(f"    {name:<34}{seconds * 1e3:>9.3f} ms  ({seconds / reference:.2%} of a plain forward)")
-    if "generate" not in args.skip:
-        generate = bench_generate(args, model, ctx)
-        results["generate"] = generate
-        print_table(
-            "generate",
+    elif section == "generate":
+        title = (
             f"(b, c) generate {args.new_tokens} new tokens, greedy, KV cache, batch {args.gen_batch} x "
-            f"{args.prompt_len} prompt tokens",
-            generate,
-            cpu_column,
+            f"{args.prompt_len} prompt tokens"
         )
-    if "extract" not in args.skip:
-        extract = bench_extract(args, model, ctx)
-        results["extract"] = extract
-        print_table(
-            "extract",
+        print_table(section, title, result, cpu_column)
+    elif section == "extract":
+        title = (
             f"(d) extraction (mean_diff, read last) over {args.extract_batches} contrastive batches of "
-            f"{args.extract_batch} x {args.extract_len} tokens vs a plain forward over the same batches",
-            extract,
-            cpu_column,
+            f"{args.extract_batch} x {args.extract_len} tokens vs a plain forward over the same batches"
         )
+        print_table(section, title, result, cpu_column)
         print(
             "  stop_early skips the layers after the read site (and the LM head), so it can beat the plain forward; "
             "'full forward' is stop_early=False"
         )
-    checks = {**results.get("forward", {}).get("checks", {}), **results.get("generate", {}).get("checks", {})}
-    if checks:
-        print("\nchecks:")
-        for name, check in checks.items():
-            diff = f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else ""
-            print(f"  {'ok  ' if check['ok'] else 'FAIL'} {name}{diff}")
-
-    write_results(results, args.out, f"steering-{device.type}.json")
-    return 0
+    elif section == "contexts":
+        print_contexts(result)
+    else:
+        title = (
+            f"(f) generate {args.new_tokens} new tokens with a static cache, compiled ({result['backend']}, mode "
+            f"{result['mode']}) vs eager, batch {args.gen_batch} x {args.prompt_len} prompt tokens; ratios vs "
+            "compiled plain"
+        )
+        print_table(section, title, result, cpu_column)
 
 
 if __name__ == "__main__":

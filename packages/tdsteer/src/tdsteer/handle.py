@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
+from tdsteer import interrupts
 from tdsteer.checks import Check
+from tdsteer.hooking import Installation
 from tdsteer.operators import Operator, Scale
-from tdsteer.positions import PositionPolicy, PositionsLike
+from tdsteer.policies import PositionPolicy, PositionsLike
+from tdsteer.positions import check_starts
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
-from tdsteer.steering import SteeringVectors
+from tdsteer.steering import SteeringVectors, check_scale
 from tdsteer.vector import SteeringVector
 
 _UNSET: Any = object()
@@ -22,9 +24,10 @@ class SteeringHandle:
     """What :func:`steer` returns: a steering context that can change while it is open.
 
     ``with handle as model:`` installs the hooks and yields the model; ``handle.set(...)`` changes
-    the scale, the position policy or the per-row starts of the next calls, open or not, without
-    re-installing hooks. On exit, and on any exception, every hook is removed and the starts are
-    cleared. A handle can be opened again after it has closed. :func:`steer` has an example.
+    the scale, the vectors, the position policy or the per-row starts of the next calls, open or not,
+    without re-installing hooks (and without recompiling a compiled model). On exit, and on any
+    exception (Ctrl-C included), every hook is removed and the starts are cleared. A handle can be
+    opened again after it has closed, but not twice at once. :func:`steer` has an example.
 
     Args:
         model: The model to steer.
@@ -34,7 +37,7 @@ class SteeringHandle:
     def __init__(self, model: nn.Module, factory: SteeringVectors) -> None:
         self.model = model
         self.factory = factory
-        self._context: Any = None
+        self._installation: Installation | None = None
 
     @property
     def scale(self) -> Scale:
@@ -46,47 +49,91 @@ class SteeringHandle:
         """The per-row starts of the next calls (``positions="continuation"``), or ``None``."""
         return self.factory.tracker.starts
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the handle's hooks are installed."""
+        return self._installation is not None
+
     def set(
         self,
         *,
         scale: Scale = _UNSET,
         positions: PositionsLike | PositionPolicy = _UNSET,
         starts: Tensor | None = _UNSET,
+        vector: SteeringVector | Mapping[Any, Tensor] = _UNSET,
     ) -> None:
         """Change the steering of the next calls.
 
         Args:
-            scale: A new scale (float, or one value per batch row).
-            positions: A new position policy (from ``"all"`` to another one only when the handle was
-                made with ``track_positions=True``).
+            scale: A new scale (a finite float, or one value per batch row).
+            positions: A new position policy (from one that needs no tracking to one that does only
+                when the handle was made with ``track_positions=True``).
             starts: ``[B]`` absolute first steered position of each row for ``"continuation"``
                 (``None`` clears them); see :meth:`tdsteer.positions.PositionTracker.set_starts`.
+            vector: New directions for some or all of the sites (a :class:`~tdsteer.SteeringVector`
+                or ``{site or key: tensor}``), shaped like the ones they replace; used as they are,
+                not copied.
 
         Raises:
-            TypeError, ValueError: A bad value.
-        """
-        if positions is not _UNSET:
-            self.factory.set_positions(positions)
-        if scale is not _UNSET:
-            self.factory.set_scale(scale)
-        if starts is not _UNSET:
-            self.factory.set_starts(starts)
+            TypeError, ValueError: A bad value; nothing is changed then.
 
+        Examples:
+            >>> import torch, tdsteer
+            >>> model = torch.nn.Sequential(torch.nn.Identity())
+            >>> handle = tdsteer.steer(model, {"0": torch.ones(2)})
+            >>> with handle:
+            ...     handle.set(scale=3.0, vector={"0": torch.tensor([1.0, -1.0])})
+            ...     model(torch.zeros(1, 2)).tolist()
+            [[3.0, -3.0]]
+        """
+        factory = self.factory
+        # everything is checked before anything changes
+        checked_scale = check_scale(scale) if scale is not _UNSET else _UNSET
+        policy = factory.check_positions(positions) if positions is not _UNSET else _UNSET
+        updates = _UNSET
+        if vector is not _UNSET:
+            updates = factory.check_vectors(vector.directions if isinstance(vector, SteeringVector) else vector)
+        if starts is not _UNSET:
+            check_starts(starts)
+        if policy is not _UNSET:
+            factory.set_positions(policy)
+        if updates is not _UNSET:
+            factory.set_vectors(updates)
+        if checked_scale is not _UNSET:
+            factory.set_scale(checked_scale)
+        if starts is not _UNSET:
+            factory.set_starts(starts)
+
+    @interrupts.critical()
     def __enter__(self) -> nn.Module:
-        if self._context is not None:
-            raise RuntimeError("This steering context is already open")
-        context = self.factory.prepare(self.model)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="You are hooking a ModuleList")
-            context.__enter__()
-        self._context = context
+        if self._installation is not None:
+            raise RuntimeError(
+                "This steering context is already open: exit it first, or make a new one with tdsteer.steer(...) "
+                "to nest a second context"
+            )
+        try:
+            self._installation = self.factory.install(self.model)
+            interrupts.deliver()  # a Ctrl-C deferred since install returned
+        except BaseException:
+            try:
+                self._close()
+            finally:
+                interrupts.deliver()  # nothing deferred here may wait for a later context
+            raise
         return self.model
 
+    @interrupts.critical(when=lambda frame: frame.f_locals["self"]._installation is not None)
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        context, self._context = self._context, None
-        self.factory.set_starts(None)
-        if context is not None:
-            context.__exit__(exc_type, exc, traceback)
+        try:
+            self._close()
+        finally:
+            interrupts.deliver()
+
+    def _close(self) -> None:
+        installation = self._installation
+        if installation is not None:
+            installation.remove()
+            self._installation = None
 
 
 def steer(
@@ -120,7 +167,9 @@ def steer(
             ``"continuation"`` steers each row from its start on, set per batch with
             ``handle.set(starts=...)``; without starts it steers, inside ``generate``, the last prompt
             token and the generated tokens, and nothing in a plain forward call. Every policy means
-            the same with and without a KV cache.
+            the same with and without a KV cache. For image models, ``"patches"`` steers the token
+            positions from each site's ``prefix_tokens`` on (every position of a feature map) and
+            ``"prefix"`` the class and register tokens before them.
         sites: Steer only these sites of the vector.
         check: For a :class:`~tdsteer.SteeringVector`: what to do when it was made for another model
             type (``"warn"``, ``"error"`` or ``"ignore"``); see :meth:`SteeringVector.validate`.
@@ -131,7 +180,10 @@ def steer(
         A :class:`SteeringHandle`; ``with`` it yields the model itself, steered until the block ends.
 
     Raises:
-        ValueError: A site that does not resolve, an unknown operator or policy, a bad vector.
+        ValueError: A bad scale (NaN or infinite included), vector, operator or policy; on entering the
+            context, a site that does not resolve or that names a container the model never calls
+            (``transformer.h`` rather than ``transformer.h.3``).
+        RuntimeError: On entering, the same handle is already open.
 
     Examples:
         >>> import torch
@@ -163,7 +215,7 @@ def steer(
         tensors: dict[str, Tensor] = dict(chosen.directions)
     elif isinstance(vector, Mapping):
         site_list = as_sites(list(vector.keys()))
-        tensors = {as_site(k).key: v for k, v in vector.items()}
+        tensors = {site.key: v for site, v in zip(site_list, vector.values(), strict=True)}
         if sites is not None:
             wanted = {as_site(s).key for s in sites}
             site_list = [s for s in site_list if s.key in wanted]

@@ -3,132 +3,73 @@
 Positions are absolute: position ``p`` is the ``p``-th token of the padded sequence, whether the
 current forward call covers the whole sequence (no cache) or only its newest tokens (KV cache).
 The context learns which absolute positions a call covers from the root model's keyword
-arguments (``cache_position``, or the length of ``cache`` / ``past_key_values``), and where the
+arguments (the length of ``cache`` / ``past_key_values``, or ``cache_position``), and where the
 prompt ends from the ``generate`` call it wraps. Everything a hook computes from that is a tensor
-op on the activation's device: no host-device synchronisation.
-
-What a hook gets for a policy is a :data:`Selection`: a mask tensor, or a :class:`Span` when the
-whole call is selected (:attr:`Span.ALL`) or none of it is (:attr:`Span.NONE`) and no mask is needed.
+op on the activation's device: no host-device synchronisation (a static cache reports its length
+as a tensor, which stays a tensor).
 
 Per-row starts (``positions="continuation"``) are a ``[B]`` tensor of absolute positions that the
 caller sets between calls (:meth:`PositionTracker.set_starts`, or
 :meth:`tdsteer.SteeringHandle.set`); hooks compare them with the call's positions on the
 activation's device, once per model call, and never read them back to the host.
+
+Two paths build a selection. In eager mode (:meth:`PositionTracker.mask`) whole calls are decided on
+the host when possible (:class:`Span`) and masks are built once per model call and shared by every
+hooked layer. While ``torch.compile`` traces a hook (:meth:`PositionTracker.traced_mask`) every
+quantity that changes between calls is read from a tensor (the cache length, the prompt length, the
+``from:k`` start, the per-row starts), so that changing them does not recompile the graph.
+
+The policies themselves live in :mod:`tdsteer.policies` (re-exported here).
 """
 
 from __future__ import annotations
 
-import enum
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-PositionsLike = str | int
+from tdsteer.policies import (
+    IMAGE_POLICIES,
+    POSITION_POLICIES,
+    PositionPolicy,
+    PositionsLike,
+    Selection,
+    Span,
+    as_policy,
+)
+
+__all__ = [
+    "IMAGE_POLICIES",
+    "POSITION_POLICIES",
+    "PositionPolicy",
+    "PositionTracker",
+    "PositionsLike",
+    "Selection",
+    "Span",
+    "as_policy",
+    "check_starts",
+    "leading_padding",
+    "past_length",
+    "site_mask",
+]
 
 
-class Span(enum.Enum):
-    """A selection that covers every position of the current call, or none of them.
+def past_length(cache: Any) -> int | Tensor:
+    """Number of tokens already held by a KV cache object (0 for ``None``).
 
-    Hooks tell the members apart by identity (``selected is Span.NONE``), which costs no
-    allocation and reads no device tensor.
+    A cache that reports its length as a tensor (Hugging Face's static cache) gets a copy of that
+    tensor back, never a host int: reading it would synchronise with the device, and the cache
+    updates its own tensor in place during the call.
     """
-
-    ALL = "all"
-    """Every position is selected: steer the whole call, no mask needed."""
-    NONE = "none"
-    """No position is selected: leave the activation as it is."""
-
-
-Selection: TypeAlias = Tensor | Span
-"""What :meth:`PositionTracker.mask` and :meth:`PositionTracker.weights` return: a mask tensor, or a
-:class:`Span` when the answer is the same for every position."""
-
-
-@dataclass(frozen=True)
-class PositionPolicy:
-    """Where steering applies along the token axis.
-
-    Args:
-        kind: ``"all"``, ``"prompt"`` (tokens of the prompt given to ``generate``; every token of a
-            plain forward call), ``"generated"`` (tokens produced by ``generate``; none in a plain
-            forward call), ``"continuation"`` (the positions whose outputs score a continuation:
-            from each row's start on, the starts set per call with
-            :meth:`PositionTracker.set_starts`; without starts, inside ``generate`` the last prompt
-            token and the generated tokens, and nothing in a plain forward call) or ``"from"``
-            (tokens from real position ``start`` on, counted from each row's first non-padding token).
-        start: First real position for ``kind="from"``.
-    """
-
-    kind: str
-    start: int = 0
-
-    @property
-    def is_all(self) -> bool:
-        """Whether every position is selected, so that no position needs tracking."""
-        return self.kind == "all" or (self.kind == "from" and self.start == 0)
-
-    @property
-    def per_row(self) -> bool:
-        """Whether the policy reads per-row starts (:meth:`PositionTracker.set_starts`)."""
-        return self.kind == "continuation"
-
-
-_FROM = re.compile(r"^from[:_ ]?(\d+)$")
-_NAMED = ("all", "prompt", "generated", "continuation")
-POSITION_POLICIES = ("all", "prompt", "generated", "continuation", "from:K (or an int K)")
-
-
-def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
-    """Parse a position policy: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int
-    ``k`` or ``"from:k"``.
-
-    Args:
-        positions: The policy, by name or as a :class:`PositionPolicy`.
-
-    Returns:
-        The :class:`PositionPolicy`.
-
-    Raises:
-        TypeError: A bool.
-        ValueError: An unknown name or a negative start.
-
-    Examples:
-        >>> as_policy(3)
-        PositionPolicy(kind='from', start=3)
-        >>> as_policy("generated").kind
-        'generated'
-        >>> as_policy("continuation").per_row
-        True
-    """
-    if isinstance(positions, PositionPolicy):
-        return positions
-    if isinstance(positions, bool):
-        raise TypeError("positions must be a policy name or an int, got a bool")
-    if isinstance(positions, int):
-        if positions < 0:
-            raise ValueError(f"positions={positions}: a start position must be >= 0")
-        return PositionPolicy("from", positions)
-    if isinstance(positions, str):
-        if positions in _NAMED:
-            return PositionPolicy(positions)
-        match = _FROM.match(positions)
-        if match:
-            return PositionPolicy("from", int(match.group(1)))
-    raise ValueError(f"Unknown position policy {positions!r}; use one of {', '.join(POSITION_POLICIES)}")
-
-
-def past_length(cache: Any) -> int:
-    """Number of tokens already held by a KV cache object (0 for ``None``)."""
     if cache is None:
         return 0
     get = getattr(cache, "get_seq_length", None)
     if get is not None:
-        return int(get())
+        length = get()
+        return length.clone() if isinstance(length, Tensor) else int(length)
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
         first = cache[0][0]
         if isinstance(first, Tensor):
@@ -141,65 +82,144 @@ def leading_padding(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) == 0).sum(-1)
 
 
+def site_mask(policy: PositionPolicy, prefix_tokens: int, tokens: bool, length: int, device: torch.device) -> Selection:
+    """The static mask of a per-site policy (``"patches"``, ``"prefix"``) at one site.
+
+    Args:
+        policy: The policy.
+        prefix_tokens: The site's leading class / register tokens.
+        tokens: Whether the site is a token sequence (``NLC``); a feature map has no prefix tokens.
+        length: Number of positions of the activation.
+        device: Where to build a mask.
+
+    Returns:
+        :attr:`Span.ALL`, :attr:`Span.NONE`, or a bool tensor ``[1, L]``.
+
+    Examples:
+        >>> site_mask(as_policy("patches"), 1, True, 4, torch.device("cpu"))
+        tensor([[False,  True,  True,  True]])
+        >>> site_mask(as_policy("prefix"), 0, True, 4, torch.device("cpu"))
+        <Span.NONE: 'none'>
+        >>> site_mask(as_policy("patches"), 0, False, 4, torch.device("cpu"))  # a feature map
+        <Span.ALL: 'all'>
+    """
+    patches = policy.kind == "patches"
+    prefix = prefix_tokens if tokens else 0
+    if prefix <= 0:
+        return Span.ALL if patches else Span.NONE
+    if prefix >= length:
+        return Span.NONE if patches else Span.ALL
+    pos = torch.arange(length, device=device).unsqueeze(0)
+    return pos >= prefix if patches else pos < prefix
+
+
+def check_starts(starts: Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``starts`` is ``None`` or a 1-D integer tensor (per-row starts)."""
+    if starts is not None and (
+        not isinstance(starts, Tensor)
+        or starts.ndim != 1
+        or starts.dtype.is_floating_point
+        or starts.dtype.is_complex
+        or starts.dtype == torch.bool
+    ):
+        shown = f"a {starts.dtype} tensor of shape {tuple(starts.shape)}" if isinstance(starts, Tensor) else starts
+        raise ValueError(f"starts must be a 1-D integer tensor with one position per batch row, got {shown}")
+
+
 class PositionTracker:
     """Knows the absolute positions of the current forward call and where the prompt ends.
 
     One tracker serves every hook of one steering context. The root pre-hook refreshes it before
     each call of the model; the ``generate`` wrapper records the prompt; the caller may set per-row
     starts (:meth:`set_starts`) for ``positions="continuation"``.
+
+    Args:
+        device: Where the tensors that a compiled graph reads live (the prompt length, the ``from:k``
+            start, the per-row starts); :meth:`bind` changes it.
     """
 
-    def __init__(self) -> None:
-        self.start = 0
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.start: int | Tensor = 0
         self.starts: Tensor | None = None
+        self.starts_on_device: Tensor | None = None
         self._starts_on: dict[torch.device, Tensor] = {}
         self.cache_position: Tensor | None = None
         self.attention_mask: Tensor | None = None
         self.prompt_length: int | None = None
+        self.prompt_tensor: Tensor | None = None
         self.prompt_padding: Tensor | None = None
+        self.from_tensor: Tensor | None = None
         self._arange: dict[torch.device, Tensor] = {}
         self._padding: Tensor | None = None
+        # set once a compiled graph has read the positions: from then on an eagerly observed start
+        # (a compiled forward under an eager root) is handed over as a tensor
+        self.traced = False
         # masks of the current call, shared by every hooked layer: built once per model call
         self._masks: dict[tuple[Any, ...], Selection] = {}
 
+    def bind(self, device: torch.device | None, policy: PositionPolicy) -> None:
+        """Keep the tensors that compiled graphs read on ``device``, and the ``from:k`` start of ``policy``."""
+        if device != self.device:
+            self.device = device
+            self.set_starts(self.starts)
+        self.set_policy(policy)
+
+    def set_policy(self, policy: PositionPolicy) -> None:
+        """Hold ``policy``'s ``from:k`` start as a tensor (a compiled graph reads it, so a new ``k`` does not recompile)."""
+        if policy.kind == "from":
+            self.from_tensor = torch.full((), policy.start, dtype=torch.long, device=self.device)
+        self._masks.clear()
+
     # -- observed from the root model -------------------------------------------------------------
     def observe_call(self, kwargs: dict[str, Any]) -> None:
+        """Record where the call that starts now sits in the sequence (the root pre-hook calls it)."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cache_position = kwargs.get("cache_position")
         # The cache's length tells the host where the call starts without reading a device tensor;
         # cache_position is used only when there is no cache object to ask.
         if cache is not None or not isinstance(cache_position, Tensor):
             self.cache_position = None
-            self.start = past_length(cache)
+            start = past_length(cache)
+            if self.traced and not isinstance(start, Tensor) and not torch.compiler.is_compiling():
+                # read by compiled hooks: a tensor, or the graph would be specialised on each length
+                start = torch.full((), start, dtype=torch.long, device=self.device)
+            self.start = start
         else:
             self.cache_position = cache_position
             self.start = 0
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         self._padding = None
-        self._masks.clear()
+        if not torch.compiler.is_compiling():
+            self._masks.clear()
 
     def end_call(self) -> None:
+        """Forget the call that just ended (the root forward hook calls it)."""
         self.start = 0
         self.cache_position = None
         self.attention_mask = None
         self._padding = None
-        self._masks.clear()
+        if not torch.compiler.is_compiling():
+            self._masks.clear()
 
     @contextmanager
     def generation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        """Inside a ``generate`` call: where the prompt ends and how each row is padded."""
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(inputs, Tensor):
             inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
-        previous = (self.prompt_length, self.prompt_padding)
+        previous = (self.prompt_length, self.prompt_tensor, self.prompt_padding)
         if isinstance(inputs, Tensor) and inputs.ndim >= 2:
             self.prompt_length = int(inputs.shape[1])
+            device = self.device if self.device is not None else inputs.device
+            self.prompt_tensor = torch.full((), self.prompt_length, dtype=torch.long, device=device)
         mask = kwargs.get("attention_mask")
         self.prompt_padding = leading_padding(mask) if isinstance(mask, Tensor) and mask.ndim == 2 else None
         try:
             yield
         finally:
-            self.prompt_length, self.prompt_padding = previous
+            self.prompt_length, self.prompt_tensor, self.prompt_padding = previous
 
     # -- set by the caller ------------------------------------------------------------------------
     def set_starts(self, starts: Tensor | None) -> None:
@@ -221,17 +241,13 @@ class PositionTracker:
             tensor([[False,  True,  True,  True],
                     [False, False, False,  True]])
         """
-        if starts is not None and (
-            not isinstance(starts, Tensor)
-            or starts.ndim != 1
-            or starts.dtype.is_floating_point
-            or starts.dtype.is_complex
-            or starts.dtype == torch.bool
-        ):
-            shown = f"a {starts.dtype} tensor of shape {tuple(starts.shape)}" if isinstance(starts, Tensor) else starts
-            raise ValueError(f"starts must be a 1-D integer tensor with one position per batch row, got {shown}")
-        self.starts = starts
+        check_starts(starts)
         self._starts_on.clear()
+        self.starts_on_device = None
+        if starts is not None and self.device is not None:
+            self.starts_on_device = starts.to(self.device, non_blocking=True)
+            self._starts_on[self.device] = self.starts_on_device
+        self.starts = starts
         self._masks.clear()
 
     def check_rows(self, rows: int, where: str) -> None:
@@ -257,12 +273,17 @@ class PositionTracker:
         """Absolute positions ``[L]`` of the tokens of the current call."""
         if self.cache_position is not None and self.cache_position.shape[-1] == length:
             return self.cache_position.to(device, non_blocking=True).reshape(-1)
-        stop = self.start + length
+        start = self.start
+        if isinstance(start, Tensor):
+            return self._counting(length, device)[:length] + start.to(device, non_blocking=True)
+        return self._counting(start + length, device)[start : start + length]
+
+    def _counting(self, stop: int, device: torch.device) -> Tensor:
         cached = self._arange.get(device)
         if cached is None or cached.shape[0] < stop:
             cached = torch.arange(max(stop, 2 * (cached.shape[0] if cached is not None else 256)), device=device)
             self._arange[device] = cached
-        return cached[self.start : stop]
+        return cached
 
     def padding(self, device: torch.device) -> Tensor | None:
         """Per-row leading padding ``[B]`` of the current sequence, or ``None`` when unknown."""
@@ -274,7 +295,7 @@ class PositionTracker:
 
     def window(self, length: int) -> tuple[int, int] | None:
         """Host-side ``(start, stop)`` of the current call when known without reading a tensor."""
-        if self.cache_position is not None:
+        if self.cache_position is not None or isinstance(self.start, Tensor):
             return None
         return self.start, self.start + length
 
@@ -291,11 +312,14 @@ class PositionTracker:
         return selected
 
     def mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Selection:
-        """Which positions of the current call ``policy`` selects.
+        """Which positions of the current call the token policy ``policy`` selects (eager mode).
 
         Returns:
             :attr:`Span.ALL` when every position is selected, :attr:`Span.NONE` when none is, else a
             bool tensor ``[1, L]`` or ``[B, L]``.
+
+        Raises:
+            ValueError: A per-site policy (``"patches"``, ``"prefix"``): see :func:`site_mask`.
 
         Examples:
             >>> tracker, cpu = PositionTracker(), torch.device("cpu")
@@ -310,6 +334,8 @@ class PositionTracker:
         """
         if policy.is_all:
             return Span.ALL
+        if policy.per_site:
+            raise ValueError(f"positions={policy.kind!r} is a per-site policy: use tdsteer.positions.site_mask")
         window = self.window(length)
         if policy.kind == "continuation":
             starts = self.row_starts(device)
@@ -358,26 +384,57 @@ class PositionTracker:
         padding = self.padding(device)
         return pos if padding is None else pos - padding.unsqueeze(-1)
 
+    # -- while torch.compile traces a hook --------------------------------------------------------
+    def traced_positions(self, length: int, device: torch.device) -> Tensor:
+        """:meth:`positions` without host-side caches: what a traced graph computes."""
+        self.traced = True
+        if self.cache_position is not None and self.cache_position.shape[-1] == length:
+            return self.cache_position.to(device).reshape(-1)
+        pos = torch.arange(length, device=device)
+        start = self.start
+        if isinstance(start, Tensor):
+            return pos + start.to(device)
+        return pos + start if start else pos
 
-def wrap_generate(model: nn.Module, tracker: PositionTracker) -> Callable[[], None] | None:
-    """Route ``model.generate`` through ``tracker.generation``; return the undo, or ``None``."""
-    bound = getattr(model, "generate", None)
-    if bound is None or not callable(bound):
-        return None
-    had_own = "generate" in model.__dict__
-    previous = model.__dict__.get("generate")
+    def traced_real_positions(self, length: int, device: torch.device) -> Tensor:
+        """:meth:`real_positions` without host-side caches: ``[B, L]`` or ``[1, L]``."""
+        pos = self.traced_positions(length, device).unsqueeze(0)
+        padding = self.prompt_padding
+        if padding is None and self.attention_mask is not None:
+            padding = leading_padding(self.attention_mask)
+        return pos if padding is None else pos - padding.to(device).unsqueeze(-1)
 
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        with tracker.generation(args, kwargs):
-            return bound(*args, **kwargs)
+    def traced_mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Selection:
+        """:meth:`mask` as a traced graph computes it: every value that changes between calls (the
+        cache length, the prompt length, the ``from:k`` start, the per-row starts) is read from a
+        tensor, so that a new value does not recompile; only what changes the graph's structure (the
+        policy's kind, whether ``generate`` runs, whether starts are set) is decided on the host.
 
-    generate.__doc__ = getattr(bound, "__doc__", None)
-    object.__setattr__(model, "generate", generate)
-
-    def undo() -> None:
-        if had_own:
-            object.__setattr__(model, "generate", previous)
-        else:
-            model.__dict__.pop("generate", None)
-
-    return undo
+        Examples:
+            >>> tracker = PositionTracker()
+            >>> tracker.bind(None, as_policy("from:2"))
+            >>> tracker.traced_mask(as_policy("from:2"), 4, torch.device("cpu"))
+            tensor([[False, False,  True,  True]])
+        """
+        kind = policy.kind
+        if kind == "all" or policy.per_site:
+            raise ValueError(f"positions={kind!r} needs no tracking")
+        if kind == "continuation":
+            starts = self.starts_on_device if self.starts_on_device is not None else self.starts
+            if starts is not None:
+                pos = self.traced_positions(length, device).unsqueeze(0)
+                return pos >= starts.to(device).unsqueeze(-1)
+            if self.prompt_tensor is None:
+                return Span.NONE
+            pos = self.traced_positions(length, device)
+            return (pos >= self.prompt_tensor.to(device) - 1).unsqueeze(0)
+        if kind in ("prompt", "generated"):
+            if self.prompt_tensor is None:
+                return Span.ALL if kind == "prompt" else Span.NONE
+            pos = self.traced_positions(length, device)
+            boundary = self.prompt_tensor.to(device)
+            return (pos < boundary if kind == "prompt" else pos >= boundary).unsqueeze(0)
+        start = self.from_tensor
+        if start is None:
+            raise RuntimeError("positions='from:k' without its start tensor: call PositionTracker.bind first")
+        return self.traced_real_positions(length, device) >= start.to(device)

@@ -1,108 +1,34 @@
-"""Applying steering vectors: the ``SteeringVectors`` hooking context and its per-site steerers."""
+"""Applying steering vectors: the ``SteeringVectors`` hooking context factory.
+
+:class:`SteeringVectors` holds what a steering context does (sites, vectors, operator, scale,
+position policy) and installs it on a model: through tdhook (``factory.prepare(model)``, a tdhook
+hooking context) or directly (:func:`tdsteer.steer`, which skips tdhook's TensorDict wrapper to keep
+opening a context cheap). Either way the hooks are plain PyTorch hooks that call one
+:class:`~tdsteer.steerer.SiteSteerer` per site, installed all or nothing by :mod:`tdsteer.hooking`.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from tdhook.contexts import HookingContextFactory
-from tdhook.hooks import HookFactory
+from tdhook.contexts import HookingContext, HookingContextFactory
 from tdhook.modules import HookedModule
-from tdhook.runtime import BoundHookProgram, HookProgramBuilder, HookSpec
+from tdhook.paths import resolve_submodule_path
 from torch import Tensor, nn
 
-from tdsteer.operators import Add, Custom, Operator, Scale, as_operator
-from tdsteer.positions import PositionPolicy, PositionsLike, PositionTracker, Span, as_policy, wrap_generate
-from tdsteer.sites import Site, SiteLike, as_site, as_sites
-
-
-class _SiteSteerer:
-    """Per-site state of one steering context: the vector cast once per device, dtype and scale.
-
-    The scale and the position policy are read from ``owner`` (the :class:`SteeringVectors`) on every
-    call, so that a change while the context is open applies from the next call on.
-    """
-
-    def __init__(self, site: Site, vector: Tensor | None, operator: Operator, owner: SteeringVectors) -> None:
-        self.site = site
-        self.vector = vector
-        self.operator = operator
-        self.owner = owner
-        self.tracker = owner.tracker
-        self.positional = vector is not None and vector.ndim == 2
-        self.hidden = None if vector is None else int(vector.shape[-1])
-        self._fast_add = isinstance(operator, Add) and vector is not None and not self.positional
-        self._cast: dict[tuple[torch.device, torch.dtype, int], tuple[Tensor | None, Scale, Tensor | None]] = {}
-        self._scale_seen = owner.scale_version
-
-    def _prepared(self, x: Tensor) -> tuple[Tensor | None, Scale, Tensor | None]:
-        """Vector and scale cast to ``x``'s device and dtype, and the ``scale * v`` of ``add``, cached."""
-        if self._scale_seen != self.owner.scale_version:  # the scale changed while open
-            self._cast.clear()
-            self._scale_seen = self.owner.scale_version
-        key = (x.device, x.dtype, x.ndim)
-        prepared = self._cast.get(key)
-        if prepared is None:
-            wide_vector = None if self.vector is None else self.vector.to(x.device)
-            wide_scale = self.owner.scale
-            if isinstance(wide_scale, Tensor):
-                wide_scale = wide_scale.to(x.device)
-                if wide_scale.ndim == 1:
-                    wide_scale = wide_scale.reshape((-1,) + (1,) * (x.ndim - 1))
-            vector = None if wide_vector is None else wide_vector.to(x.dtype)
-            scale = wide_scale.to(x.dtype) if isinstance(wide_scale, Tensor) else wide_scale
-            # add's scale * v: computed in the vector's precision, rounded once to the activation's dtype
-            delta = (wide_vector * wide_scale).to(x.dtype) if self._fast_add and wide_vector is not None else None
-            prepared = (vector, scale, delta)
-            self._cast[key] = prepared
-        return prepared
-
-    def __call__(self, h: Tensor) -> Tensor | None:
-        """Return the steered activation, or ``None`` to leave it as it is."""
-        if self.hidden is not None and h.shape[self.site.channel_dim] != self.hidden:
-            raise ValueError(
-                f"Site {self.site.key!r}: the steering vector has hidden size {self.hidden} but the activation has "
-                f"{h.shape[self.site.channel_dim]} channels (shape {tuple(h.shape)}); the vector was made for "
-                "another model or another site"
-            )
-        scale, policy = self.owner.scale, self.owner.policy
-        if isinstance(scale, Tensor) and scale.ndim == 1 and scale.shape[0] != h.shape[0]:
-            raise ValueError(
-                f"Site {self.site.key!r}: scale has {scale.shape[0]} values but the batch has {h.shape[0]} rows; "
-                "pass a float or one scale per batch row"
-            )
-        channels_first = self.site.layout == "NCHW"
-        x = h.movedim(1, -1) if channels_first else h
-        mask: Tensor | None = None
-        if policy.per_row:
-            self.tracker.check_rows(x.shape[0], self.site.key)
-        if not policy.is_all:
-            selected = self.tracker.weights(policy, x.shape[1], x.device, x.dtype)
-            # a mask, Span.NONE or Span.ALL (no mask); the tensor test first, as an enum attribute is slower
-            if isinstance(selected, Tensor):
-                mask = selected
-            elif selected is Span.NONE:
-                return None
-        vector, scale, delta = self._prepared(x)
-        if delta is not None:
-            out = x + (delta if mask is None else delta * mask)
-        else:
-            if vector is None:
-                vector = x.new_zeros(x.shape[-1])
-            elif self.positional:
-                vector, inside = self._positional(vector, x)
-                mask = inside if mask is None else mask * inside
-            out = self.operator(x, vector, scale, mask)
-        return out.movedim(-1, 1) if channels_first else out
-
-    def _positional(self, vector: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gather a per-position vector ``[Lv, C]`` at each token's real position."""
-        length = vector.shape[0]
-        real = self.tracker.real_positions(x.shape[1], x.device)
-        inside = (real >= 0) & (real < length)
-        gathered = vector[real.clamp(0, length - 1)]
-        return gathered, inside.unsqueeze(-1).to(x.dtype)
+from tdsteer import interrupts
+from tdsteer.hooking import Installation, install, module_device, resolve
+from tdsteer.operators import Custom, Operator, Scale, as_operator
+from tdsteer.policies import PositionPolicy, PositionsLike, as_policy
+from tdsteer.positions import PositionTracker
+from tdsteer.sites import Site, SiteLike, as_sites
+from tdsteer.steerer import SiteSteerer
 
 
 class SteeringVectors(HookingContextFactory):
@@ -110,6 +36,8 @@ class SteeringVectors(HookingContextFactory):
 
     The hooks sit on the model's own modules, so any call made while the context is open is
     steered: ``model(...)``, ``model.generate(...)``, or the TensorDict module that tdhook returns.
+    They run before the module's other forward hooks, so whatever records a module's output through
+    a hook (Hugging Face's ``output_hidden_states``) records the steered activation.
 
     Args:
         modules_to_steer: Sites (or module paths) to steer.
@@ -121,10 +49,13 @@ class SteeringVectors(HookingContextFactory):
         operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, an operator object, or a
             callable ``fn(h, v, scale) -> h``.
         positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int ``k`` or
-            ``"from:k"``.
+            ``"from:k"``, ``"patches"`` or ``"prefix"`` (:mod:`tdsteer.policies`).
         track_positions: Track positions (a root hook, a ``generate`` wrapper) even when
             ``positions`` does not need it, so that :meth:`set_positions` may switch to a policy
             that does while open. ``None``: only when needed.
+
+    Raises:
+        ValueError: A bad scale, vector, operator or policy, a policy that does not fit a site.
 
     Examples:
         >>> import torch
@@ -151,139 +82,267 @@ class SteeringVectors(HookingContextFactory):
     ) -> None:
         super().__init__()
         self.sites = as_sites(modules_to_steer)
+        self._site_keys = [s.key for s in self.sites]
         if (steer_fn is None) == (vectors is None):
             raise ValueError("SteeringVectors needs exactly one of steer_fn or vectors")
         self.policy = as_policy(positions)
-        self.scale = _check_scale(scale)
-        self._vectors = self._match_vectors(vectors) if vectors is not None else {s.key: None for s in self.sites}
+        self.scale = check_scale(scale)
+        self._vectors = self._match_vectors(vectors) if vectors is not None else dict.fromkeys(self._keys())
         self._operators: dict[str, Operator]
         if steer_fn is not None:
-            self._operators = {s.key: Custom(_tdhook_steer_fn(steer_fn, s.key)) for s in self.sites}
+            self._operators = {key: Custom(_tdhook_steer_fn(steer_fn, key)) for key in self._site_keys}
         else:
             op = as_operator(operator)
-            self._operators = {s.key: op for s in self.sites}
-        self._check_layouts(self.policy)
+            self._operators = dict.fromkeys(self._keys(), op)
+        self._check_policy(self.policy)
         self.tracker = PositionTracker()
-        self.scale_version = 0  # bumped by set_scale: the hooks recompute their cast scale * v
+        self.version = 0  # bumped by set_scale and set_vectors: the hooks recast scale * v
+        self.traced = False  # set by a hook traced by torch.compile
         self._track = track_positions
-        self._tracking: bool | None = None  # whether the prepared hooks track positions (None: not prepared)
+        self._tracking: bool | None = None  # whether the installed hooks track positions (None: never installed)
+        self._scale_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._steerers: dict[str, SiteSteerer] = {}  # by site key, in site order
+        self._hooks: list[Callable[..., Any]] = []  # one per site, in site order
+        self._root_hooks: tuple[Callable[..., Any], ...] = ()
+        self._installation: Installation | None = None
 
-    def _check_layouts(self, policy: PositionPolicy) -> None:
-        for site in self.sites:
-            vector = self._vectors[site.key]
-            if site.layout != "NLC" and (not policy.is_all or (vector is not None and vector.ndim == 2)):
+    def _keys(self) -> list[str]:
+        return list(self._site_keys)
+
+    def _check_policy(self, policy: PositionPolicy) -> None:
+        for site, key in zip(self.sites, self._site_keys, strict=True):
+            vector = self._vectors[key]
+            if site.layout != "NLC" and (policy.tokens_only or (vector is not None and vector.ndim == 2)):
+                shown = f"positions={policy.kind if policy.kind != 'from' else f'from:{policy.start}'!r}"
                 raise ValueError(
-                    f"Site {site.key!r} has layout {site.layout}: position policies and per-position vectors "
-                    "apply to token sequences (NLC) only; use positions='all' and a [C] vector"
+                    f"Site {key!r} is a feature map (layout {site.layout}), which has no token positions: "
+                    f"{shown} and per-position [L, C] vectors apply to token sequences (NLC) only; use "
+                    "positions='all', 'patches' or 'prefix' and a [C] vector"
                 )
+        if policy.kind == "prefix" and not any(s.layout == "NLC" and s.prefix_tokens > 0 for s in self.sites):
+            raise ValueError(
+                "positions='prefix' steers the class and register tokens (Site.prefix_tokens), but no site has any "
+                f"(sites {self._keys()}); build sites with tdsteer_timm.sites or set Site(prefix_tokens=...)"
+            )
 
     def _needs_positions(self) -> bool:
         if self._track:
             return True
-        return not (self.policy.is_all and all(v is None or v.ndim == 1 for v in self._vectors.values()))
+        return self.policy.tracked or any(v is not None and v.ndim == 2 for v in self._vectors.values())
 
     # -- changes while open: read by the hooks from their next call on -----------------------------
     def set_scale(self, scale: Scale) -> None:
-        """Steer with ``scale`` (a float, or one value per batch row) from the next call on."""
-        self.scale = _check_scale(scale)
-        self.scale_version += 1
+        """Steer with ``scale`` (a float, or one value per batch row) from the next call on.
+
+        A float replaces the value of the scale tensors that compiled graphs read in place, so a
+        compiled model does not recompile.
+        """
+        checked = check_scale(scale)
+        was_float = not isinstance(self.scale, Tensor)
+        self.scale = checked
+        self.version += 1
+        for key, tensor in list(self._scale_tensors.items()):
+            if was_float and not isinstance(checked, Tensor):
+                tensor.fill_(checked)
+            else:
+                self._scale_tensors[key] = self._make_scale(*key)
+        for steerer in self._steerers.values():
+            if steerer.vector is not None:
+                steerer.scale_tensor = self.scale_tensor(steerer.vector.device, steerer.vector.dtype)
+
+    def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The scale as a tensor on ``device`` (0-d for a float, ``[B]`` per row), made once per device and dtype."""
+        key = (device, dtype)
+        tensor = self._scale_tensors.get(key)
+        if tensor is None:
+            tensor = self._scale_tensors[key] = self._make_scale(device, dtype)
+        return tensor
+
+    def _make_scale(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        if isinstance(self.scale, Tensor):
+            return self.scale.to(device=device, dtype=dtype)
+        return torch.full((), self.scale, dtype=dtype, device=device)
 
     def set_positions(self, positions: PositionsLike | PositionPolicy) -> None:
         """Steer the positions of ``positions`` from the next call on.
 
         Raises:
-            ValueError: An unknown policy, a policy on a non-token site, or one that needs position
-                tracking in a context prepared without it (see ``track_positions``).
+            ValueError: An unknown policy, a policy that does not fit a site, or one that needs
+                position tracking in a context prepared without it (see ``track_positions``).
         """
+        self.policy = self.check_positions(positions)
+        self.tracker.set_policy(self.policy)  # drops masks built for the old policy
+
+    def check_positions(self, positions: PositionsLike | PositionPolicy) -> PositionPolicy:
+        """The policy :meth:`set_positions` would set, or the error it would raise."""
         policy = as_policy(positions)
-        self._check_layouts(policy)
-        if self._tracking is False and not policy.is_all:
+        self._check_policy(policy)
+        if self._tracking is False and policy.tracked:
             raise ValueError(
                 f"positions={positions!r} needs position tracking, which this context was opened without "
-                "(its policy was 'all'); open it with track_positions=True to change the policy while it is open"
+                "(its policy did not need it); open it with track_positions=True to change the policy while it is open"
             )
-        self.policy = policy
-        self.tracker.set_starts(self.tracker.starts)  # drop masks built for the old policy
+        return policy
 
     def set_starts(self, starts: Tensor | None) -> None:
         """Per-row first steered positions for ``"continuation"`` (:meth:`PositionTracker.set_starts`)."""
         self.tracker.set_starts(starts)
 
+    def set_vectors(self, vectors: Mapping[Any, Tensor]) -> None:
+        """Steer some or all sites with new directions from the next call on.
+
+        Args:
+            vectors: ``{site or key: tensor}``; each tensor must have the shape rules of the one it
+                replaces (``[C]`` or ``[L, C]`` with the same ``C``). The tensor is used as it is (not
+                copied); a compiled graph reads it, so new values do not recompile.
+
+        Raises:
+            ValueError: An unknown site, a bad shape, NaN or infinite values, or a ``steer_fn`` context.
+        """
+        for key, vector in self.check_vectors(vectors).items():
+            self._vectors[key] = vector
+            steerer = self._steerers.get(key)
+            if steerer is not None:
+                steerer.set_vector(vector)
+        self.version += 1
+
+    def check_vectors(self, vectors: Mapping[Any, Tensor]) -> dict[str, Tensor]:
+        """The vectors :meth:`set_vectors` would set, by site key, or the error it would raise."""
+        updates = {_key(k): v for k, v in vectors.items()}
+        for key, vector in updates.items():
+            if key not in self._vectors:
+                raise ValueError(f"No site {key!r} in this context (sites {self._keys()})")
+            old = self._vectors[key]
+            if old is None:
+                raise ValueError("This context steers with a steer_fn: it has no vectors to replace")
+            _check_vector(key, vector)
+            if vector.ndim != old.ndim or vector.shape[-1] != old.shape[-1]:
+                raise ValueError(
+                    f"Vector for site {key!r} must be shaped like the one it replaces ({tuple(old.shape)}), "
+                    f"got {tuple(vector.shape)}"
+                )
+        return updates
+
     def _match_vectors(self, vectors: Mapping[str, Tensor] | Sequence[Tensor]) -> dict[str, Tensor | None]:
         if isinstance(vectors, Mapping):
-            by_key = {(as_site(k).key if isinstance(k, (str, Site)) else k): v for k, v in vectors.items()}
-            missing = [s.key for s in self.sites if s.key not in by_key]
+            by_key = {_key(k): v for k, v in vectors.items()}
+            missing = [key for key in self._site_keys if key not in by_key]
             if missing:
                 raise ValueError(f"No vector given for sites {missing}; vectors cover {sorted(by_key)}")
-            matched = {s.key: by_key[s.key] for s in self.sites}
+            matched = {key: by_key[key] for key in self._site_keys}
         else:
             items = list(vectors)
             if len(items) != len(self.sites):
                 raise ValueError(f"Got {len(items)} vectors for {len(self.sites)} sites")
-            matched = {s.key: v for s, v in zip(self.sites, items, strict=True)}
+            matched = dict(zip(self._site_keys, items, strict=True))
         for key, vector in matched.items():
-            if not isinstance(vector, Tensor) or vector.ndim not in (1, 2):
-                raise ValueError(f"Vector for site {key!r} must be a tensor [C] or [L, C], got {_describe(vector)}")
-            if not torch.isfinite(vector).all():
-                raise ValueError(f"Vector for site {key!r} contains NaN or infinite values")
+            _check_vector(key, vector)
         return dict(matched)
 
-    def _hook_module(self, module: HookedModule) -> BoundHookProgram:
-        tracker = self.tracker
-        with HookProgramBuilder() as program:
-            root = program.resolve_path(module.hook_root, "", relative_path=module.relative_path)
-            for site in self.sites:
-                site.module(root)  # a clear error naming the site before anything is installed
-            needs_positions = self._needs_positions()
-            self._tracking = needs_positions
-            if needs_positions:
-                self._observe_root(program, module, tracker)
-            for site in self.sites:
-                steerer = _SiteSteerer(site, self._vectors[site.key], self._operators[site.key], self)
-                if site.io == "output":
-                    hook = HookFactory.make_setting_hook(None, callback=_output_callback(site, steerer))
-                    spec = HookSpec(site.path, "steer", "fwd")
-                else:
-                    hook = HookFactory.make_setting_hook(
-                        None, callback=_input_callback(site, steerer), direction="fwd_pre_kwargs"
-                    )
-                    spec = HookSpec(site.path, "steer", "fwd_pre_kwargs")
-                program.register_path(module.hook_root, hook, spec, relative_path=module.relative_path)
-            undo = wrap_generate(root, tracker) if needs_positions else None
-            if undo is not None:
-                program.add_cleanup(undo)
-            return program.build()
+    # -- installing ---------------------------------------------------------------------------------
+    def _hook_module(self, module: HookedModule) -> Installation:
+        """tdhook's entry point: install on the root of ``module`` (``factory.prepare(model)``)."""
+        root = resolve_submodule_path(module.hook_root, module.relative_path)
+        installation = self.install(root)
+        try:
+            interrupts.deliver()  # a Ctrl-C deferred since install returned
+        except BaseException:
+            installation.remove()
+            raise
+        return installation
 
-    @staticmethod
-    def _observe_root(program: HookProgramBuilder, module: HookedModule, tracker: PositionTracker) -> None:
-        def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            tracker.observe_call(kwargs)
+    def install(self, root: nn.Module) -> Installation:
+        """Install the hooks on ``root`` (all or nothing) and return what removes them.
 
-        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            tracker.end_call()
+        Raises:
+            RuntimeError: This factory is already installed (open) on a model.
+            ValueError: A site that does not resolve or is a container the model never calls.
+        """
+        if self._installation is not None and self._installation.active:
+            raise RuntimeError(
+                "This SteeringVectors is already open on a model: exit that context first, or make another "
+                "SteeringVectors (or tdsteer.steer(...)) for a second, nested context"
+            )
+        _warn_if_compiled_without_hook_guards()
+        self._installation = install(root, self._build, self._report_idle)
+        return self._installation
 
-        program.register_path(
-            module.hook_root, before, HookSpec("", "observe", "fwd_pre_kwargs"), relative_path=module.relative_path
-        )
-        program.register_path(
-            module.hook_root, after, HookSpec("", "observe", "fwd"), relative_path=module.relative_path
-        )
+    def _build(self, installation: Installation) -> None:
+        root = installation.root
+        modules = [resolve(root, site) for site in self.sites]  # every site checked before any hook
+        needs_positions = self._needs_positions()
+        self._tracking = needs_positions
+        device = None
+        for vector in self._vectors.values():
+            if vector is not None:
+                device = vector.device
+                break
+        self.tracker.bind(device if device is not None else module_device(modules[0]), self.policy)
+        # a forward compiled on its own (model.forward = torch.compile(model.forward)) runs under the eager
+        # root hooks: hand it the call's start as a tensor from the first call, or it compiles once per length
+        self.tracker.traced = hasattr(root.__dict__.get("forward"), "_torchdynamo_orig_callable")
+        self.traced = False
+        if not self._steerers:  # made once: the same hook functions on every entry, so a compiled graph is reused
+            for site, key in zip(self.sites, self._site_keys, strict=True):
+                steerer = SiteSteerer(site, self._vectors[key], self._operators[key], self)
+                self._steerers[key] = steerer
+                self._hooks.append(_input_hook(site, steerer) if site.io == "input" else _output_hook(site, steerer))
+            self._root_hooks = (_observe_hook(self.tracker), _end_hook(self.tracker))
+        for site, steerer, hook, module in zip(self.sites, self._steerers.values(), self._hooks, modules, strict=True):
+            steerer.calls = 0
+            installation.add_hook(module, hook, path=site.path, pre=site.io == "input")
+        if needs_positions:
+            observe, end = self._root_hooks
+            installation.add_hook(root, observe, path="", pre=True, first=False)
+            installation.add_hook(root, end, path="", first=False)
+            installation.add_generate(self.tracker)
+
+    def _report_idle(self) -> None:
+        """On exit: warn about sites that never ran while others did (their module is never called)."""
+        self.tracker.set_starts(None)
+        steerers = self._steerers
+        if self.traced or sys.exc_info()[0] is not None:
+            return  # compiled graphs run hooks without counting calls; an exception may have cut a call short
+        idle = [key for key, s in steerers.items() if s.calls == 0]
+        if idle and len(idle) < len(steerers):
+            busiest = max(steerers.values(), key=lambda s: s.calls)
+            warnings.warn(
+                f"Steering sites {idle} never ran while the context was open, while site {busiest.site.key!r} ran "
+                f"{busiest.calls} time(s): their modules are not called by the model's forward, so they steered "
+                "nothing; check the site paths (model.named_modules())",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
-def _output_callback(site: Site, steerer: _SiteSteerer) -> Callable[..., Any]:
-    def callback(module: nn.Module, args: Any, output: Any, **_: Any) -> Any:
-        h = site.select(output)
-        new = steerer(h)
+def _output_hook(site: Site, steerer: SiteSteerer) -> Callable[..., Any]:
+    if site.slot in (None, 0):
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                new = steerer(output[0])
+                return None if new is None else (new, *output[1:])
+            if isinstance(output, list):
+                new = steerer(output[0])
+                return None if new is None else [new, *output[1:]]
+            return steerer(output)
+
+        return hook
+
+    def slot_hook(module: nn.Module, args: Any, output: Any) -> Any:
+        new = steerer(site.select(output))
         return None if new is None else site.replace(output, new)
 
-    return callback
+    return slot_hook
 
 
-def _input_callback(site: Site, steerer: _SiteSteerer) -> Callable[..., Any]:
+def _input_hook(site: Site, steerer: SiteSteerer) -> Callable[..., Any]:
     slot = site.slot or 0
     name = site.kwarg or "hidden_states"
 
-    def callback(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], **_: Any) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if len(args) > slot:
             new = steerer(args[slot])
             if new is None:
@@ -299,7 +358,21 @@ def _input_callback(site: Site, steerer: _SiteSteerer) -> Callable[..., Any]:
             return None
         return args, {**kwargs, name: new}
 
-    return callback
+    return hook
+
+
+def _observe_hook(tracker: PositionTracker) -> Callable[..., Any]:
+    def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tracker.observe_call(kwargs)
+
+    return observe
+
+
+def _end_hook(tracker: PositionTracker) -> Callable[..., Any]:
+    def end(module: nn.Module, args: Any, output: Any) -> None:
+        tracker.end_call()
+
+    return end
 
 
 def _tdhook_steer_fn(steer_fn: Callable[..., Tensor], key: str) -> Callable[[Tensor, Tensor, Scale], Tensor]:
@@ -309,19 +382,99 @@ def _tdhook_steer_fn(steer_fn: Callable[..., Tensor], key: str) -> Callable[[Ten
     return fn
 
 
-def _check_scale(scale: Scale) -> Scale:
+def check_scale(scale: Scale) -> Scale:
+    """A valid scale: a finite float, or a finite 1-D tensor (one value per batch row), detached.
+
+    Raises:
+        TypeError: Not a number or a tensor.
+        ValueError: NaN or infinite values, or a tensor with more than one dimension.
+
+    Examples:
+        >>> check_scale(2)
+        2.0
+        >>> check_scale(float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be finite, got nan
+    """
     if isinstance(scale, Tensor):
         if scale.ndim > 1:
             raise ValueError(f"scale must be a float or a 1-D tensor with one value per batch row, got {scale.shape}")
-        if not torch.isfinite(scale).all():
+        if not bool(torch.isfinite(scale).all()):
             raise ValueError("scale contains NaN or infinite values")
         return scale.detach()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or a tensor, got {type(scale).__name__}")
-    return float(scale)
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+# (id(tensor), weak reference, in-place version) of the vectors already checked for NaN: re-opening a
+# context with the same tensors skips the check, which reads the whole tensor
+_FINITE: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+
+
+def _check_vector(key: str, vector: Any) -> None:
+    if not isinstance(vector, Tensor) or vector.ndim not in (1, 2):
+        raise ValueError(f"Vector for site {key!r} must be a tensor [C] or [L, C], got {_describe(vector)}")
+    seen = _FINITE.get(id(vector))
+    if seen is not None and seen[0]() is vector and seen[1] == vector._version:
+        return
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"Vector for site {key!r} contains NaN or infinite values")
+    _FINITE[id(vector)] = (weakref.ref(vector, _forget(id(vector))), vector._version)
+
+
+def _forget(ident: int) -> Callable[[weakref.ref[Tensor]], None]:
+    def callback(_: weakref.ref[Tensor]) -> None:
+        _FINITE.pop(ident, None)
+
+    return callback
+
+
+def _key(site: Any) -> Any:
+    """The key of a site given as a :class:`Site` or a path (a path is its own key)."""
+    return site.key if isinstance(site, Site) else site
 
 
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+_warned_hook_guards = False
+
+
+def _warn_if_compiled_without_hook_guards() -> None:
+    """Warn once when torch.compile has run in this process with guards on module hooks skipped."""
+    global _warned_hook_guards
+    if _warned_hook_guards or "torch._dynamo.utils" not in sys.modules:
+        return
+    from torch._dynamo import config  # loaded already: only looked at once torch.compile has been used
+    from torch._dynamo.utils import counters  # the same module, loaded already
+
+    if config.skip_nnmodule_hook_guards and counters["stats"].get("unique_graphs", 0) > 0:
+        _warned_hook_guards = True
+        warnings.warn(
+            "torch.compile has compiled graphs in this process, and torch._dynamo.config.skip_nnmodule_hook_guards "
+            "is True (torch's default): a compiled graph does not notice hooks added or removed after it was "
+            "traced, so a model compiled before this context opened is not steered by it (and one compiled inside "
+            "a context keeps steering). Set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
+            "compiling a model you steer (docs: 'Compiled models')",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _in_open_tdhook_context(frame: Any) -> bool:
+    handle = frame.f_locals.get("self")
+    installed = getattr(handle, "_handle", None)
+    return isinstance(installed, Installation) and installed.active
+
+
+interrupts.critical()(SteeringVectors._hook_module)
+for _method in (HookingContext.__exit__, HookingContext._abort_enter):
+    interrupts.register(_method.__code__, _in_open_tdhook_context)

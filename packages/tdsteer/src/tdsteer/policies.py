@@ -1,0 +1,153 @@
+"""Position policies: which positions of a site's activation a steering context changes.
+
+Two families:
+
+* **token policies** (``"prompt"``, ``"generated"``, ``"continuation"``, ``"from:k"``) follow the
+  text being processed: they depend on the KV cache, the padding and the ``generate`` call, which the
+  context tracks (:class:`tdsteer.positions.PositionTracker`); they apply to token sequences
+  (``NLC`` sites) only.
+* **site policies** (``"patches"``, ``"prefix"``) depend on the site alone: its ``prefix_tokens``
+  (class and register tokens of a vision transformer) and its layout. Each site gets its own static
+  mask; no tracking is involved.
+
+``"all"`` (the default) steers every position of every site.
+
+What a hook gets for a policy is a :data:`Selection`: a mask tensor, or a :class:`Span` when the
+whole call is selected (:attr:`Span.ALL`) or none of it is (:attr:`Span.NONE`) and no mask is needed.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from torch import Tensor
+
+PositionsLike = str | int
+
+
+class Span(enum.Enum):
+    """A selection that covers every position of the current call, or none of them.
+
+    Hooks tell the members apart by identity (``selected is Span.NONE``), which costs no
+    allocation and reads no device tensor.
+    """
+
+    ALL = "all"
+    """Every position is selected: steer the whole call, no mask needed."""
+    NONE = "none"
+    """No position is selected: leave the activation as it is."""
+
+
+Selection: TypeAlias = Tensor | Span
+"""What a policy selects in one call: a mask tensor, or a :class:`Span` when the answer is the same
+for every position."""
+
+TOKEN_KINDS = ("prompt", "generated", "continuation", "from")
+SITE_KINDS = ("patches", "prefix")
+
+
+@dataclass(frozen=True)
+class PositionPolicy:
+    """Where steering applies along the token axis.
+
+    Args:
+        kind: ``"all"``; the token policies ``"prompt"`` (tokens of the prompt given to ``generate``;
+            every token of a plain forward call), ``"generated"`` (tokens produced by ``generate``;
+            none in a plain forward call), ``"continuation"`` (the positions whose outputs score a
+            continuation: from each row's start on, the starts set per call with
+            :meth:`~tdsteer.positions.PositionTracker.set_starts`; without starts, inside
+            ``generate`` the last prompt token and the generated tokens, and nothing in a plain
+            forward call) or ``"from"`` (tokens from real position ``start`` on, counted from each
+            row's first non-padding token); or the site policies ``"patches"`` (token positions
+            ``>=`` each site's ``prefix_tokens``, every position of a feature map) and ``"prefix"``
+            (token positions ``<`` each site's ``prefix_tokens``; nothing on a site without prefix
+            tokens or on a feature map).
+        start: First real position for ``kind="from"``.
+
+    Examples:
+        >>> PositionPolicy("from", 2).tracked
+        True
+        >>> PositionPolicy("patches").tracked, PositionPolicy("patches").per_site
+        (False, True)
+    """
+
+    kind: str
+    start: int = 0
+
+    @property
+    def is_all(self) -> bool:
+        """Whether every position is selected, so that no position needs tracking."""
+        return self.kind == "all" or (self.kind == "from" and self.start == 0)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the policy reads per-row starts (:meth:`PositionTracker.set_starts`)."""
+        return self.kind == "continuation"
+
+    @property
+    def per_site(self) -> bool:
+        """Whether the policy is a static per-site mask (``"patches"``, ``"prefix"``)."""
+        return self.kind in SITE_KINDS
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the policy needs the position tracker (a root hook and a ``generate`` wrapper)."""
+        return self.kind in TOKEN_KINDS and not self.is_all
+
+    @property
+    def tokens_only(self) -> bool:
+        """Whether the policy selects token positions, which feature maps do not have."""
+        return self.kind in TOKEN_KINDS and not self.is_all
+
+
+_FROM = re.compile(r"^from[:_ ]?(\d+)$")
+_NAMED = ("all", "prompt", "generated", "continuation", "patches", "prefix")
+#: The text policies, as the command line and the evaluation package list them.
+POSITION_POLICIES = ("all", "prompt", "generated", "continuation", "from:K (or an int K)")
+#: The policies of image models (per-site masks from each site's ``prefix_tokens``).
+IMAGE_POLICIES = ("patches", "prefix")
+
+
+def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
+    """Parse a position policy: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int
+    ``k`` or ``"from:k"``, ``"patches"`` or ``"prefix"``.
+
+    Args:
+        positions: The policy, by name or as a :class:`PositionPolicy`.
+
+    Returns:
+        The :class:`PositionPolicy`.
+
+    Raises:
+        TypeError: A bool.
+        ValueError: An unknown name or a negative start.
+
+    Examples:
+        >>> as_policy(3)
+        PositionPolicy(kind='from', start=3)
+        >>> as_policy("generated").kind
+        'generated'
+        >>> as_policy("continuation").per_row
+        True
+        >>> as_policy("patches").per_site
+        True
+    """
+    if isinstance(positions, PositionPolicy):
+        return positions
+    if isinstance(positions, bool):
+        raise TypeError("positions must be a policy name or an int, got a bool")
+    if isinstance(positions, int):
+        if positions < 0:
+            raise ValueError(f"positions={positions}: a start position must be >= 0")
+        return PositionPolicy("from", positions)
+    if isinstance(positions, str):
+        if positions in _NAMED:
+            return PositionPolicy(positions)
+        match = _FROM.match(positions)
+        if match:
+            return PositionPolicy("from", int(match.group(1)))
+    every = ", ".join((*POSITION_POLICIES[:-1], *IMAGE_POLICIES, POSITION_POLICIES[-1]))
+    raise ValueError(f"Unknown position policy {positions!r}; use one of {every}")
