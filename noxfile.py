@@ -440,9 +440,21 @@ def bench(session: nox.Session) -> None:
         vrun(session, venv, "python", os.path.relpath(script, ROOT), *session.posargs)
 
 
+def run_bench_smoke(session: nox.Session, venv: Path) -> None:
+    """Every benchmark's correctness checks with small sizes (`--smoke`), no timing verdicts."""
+    failed = []
+    for script in sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")):
+        try:
+            vrun(session, venv, "python", os.path.relpath(script, ROOT), "--smoke", "--threads", "1")
+        except nox.command.CommandFailed:
+            failed.append(script.name)
+    if failed:
+        raise nox.command.CommandFailed(f"benchmark smoke runs failed: {', '.join(failed)}")
+
+
 @nox.session
 def ci(session: nox.Session) -> None:
-    """Run what CI runs: lint, typecheck, the cpu tests of every package and integration, docs, build."""
+    """Run what CI runs: lint, typecheck, the cpu tests of every package and integration, benchmark smoke runs, docs, build."""
     started = time.monotonic()
     venv = shared_venv(session)
     timings: list[tuple[str, float, str]] = [("shared venv", time.monotonic() - started, "ok")]
@@ -458,7 +470,11 @@ def ci(session: nox.Session) -> None:
         junit = REPORTS / f"{target}.xml"
         junits.append(junit)
         steps.append((f"tests({target}, cpu)", lambda t=target, j=junit: run_tests(session, venv, t, "cpu", j)))
-    steps += [("docs", lambda: run_docs(session, venv)), ("build", lambda: run_build(session, venv))]
+    steps += [
+        ("bench(smoke)", lambda: run_bench_smoke(session, venv)),
+        ("docs", lambda: run_docs(session, venv)),
+        ("build", lambda: run_build(session, venv)),
+    ]
 
     for name, step in steps:
         session.log(f"==> {name}")
