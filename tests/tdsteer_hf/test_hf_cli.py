@@ -266,15 +266,6 @@ def test_info_vector(model_dir: Path, vector_file: Path, capsys: pytest.CaptureF
     assert record["vector"]["sites"][0]["norm"] == pytest.approx(norm)
 
 
-def test_demo_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = run(capsys, "demo", "--output-dir", tmp_path)
-    assert status == 0, err
-    vector = SteeringVector.load(tmp_path / "liking.safetensors")
-    assert vector.metadata["method"] == "mean_diff" and vector.metadata["model_type"] == "gpt2"
-    assert "metadata:" in out and "fits the model: yes" in out
-    assert all(label in out for label in ("scale -4", "scale  0", "scale  4", "unsteered"))
-
-
 def test_console_script_module(model_dir: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

@@ -18,7 +18,7 @@ GROUP = "tdsteer.commands"
 PROVIDED_BY: dict[str, str] = {
     "extract": "tdsteer-hf",
     "generate": "tdsteer-hf",
-    "demo": "tdsteer-hf",
+    "demo": "tdsteer-eval",
     "extract-images": "tdsteer-timm",
     "eval": "tdsteer-eval",
     "sweep": "tdsteer-eval",
