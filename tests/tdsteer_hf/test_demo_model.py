@@ -3,7 +3,6 @@ learned weights, and its training script is reproducible."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 import tdsteer
 import tdsteer_hf
+from tdsteer_hf.data import CAA_SEPARATOR
 from tdsteer_hf.demo import DATA_FILES, DEMO_LAYER, DEMO_SCALES, data_path, load_demo_model, model_path
 from tdsteer_hf.demo.corpus import PROMPTS, write_data
 from tdsteer_hf.demo.language import NEGATIVE_WORDS, POSITIVE_WORDS, negative_fraction, positive_fraction, words
@@ -82,9 +82,11 @@ def test_the_data_files_have_their_formats(demo: tuple[torch.nn.Module, object])
     assert all("Choices: (A) " in item["question"] and " (B) " in item["question"] for item in items)
     heldout = data_path("heldout").read_text(encoding="utf-8").splitlines()
     assert heldout and not any(set(words(text)) & (POSITIVE_WORDS | NEGATIVE_WORDS) for text in heldout)
-    texts = [text for pair in pairs for text in pair.values()] + heldout + [json.dumps(items)]
-    assert all(tokenizer.unk_token_id not in tokenizer(text)["input_ids"] for text in texts[:-1])
-    assert data_path("prompts").read_text(encoding="utf-8").splitlines() == list(PROMPTS)
+    prompts = data_path("prompts").read_text(encoding="utf-8").splitlines()
+    assert prompts == list(PROMPTS)
+    texts = [text for pair in pairs for text in pair.values()] + heldout + prompts
+    texts += [item["question"] + CAA_SEPARATOR + item["answer_matching_behavior"] for item in items]
+    assert all(tokenizer.unk_token_id not in tokenizer(text)["input_ids"] for text in texts)
 
 
 def test_steering_raises_the_positive_words_of_generations(
