@@ -18,6 +18,17 @@ from tdsteer.hooking import Installation
 CYCLES = 3000
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint() -> Any:
+    """Each test starts from Python's own Ctrl-C handler, whatever earlier tests or libraries left
+    (a test that launches processes may leave SIGINT ignored, and then tdsteer installs nothing)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _leftovers(model: torch.nn.Module) -> list[str]:
     found = [
         f"{name or '<root>'}: {len(m._forward_hooks)} hooks, {len(m._forward_pre_hooks)} pre-hooks"
