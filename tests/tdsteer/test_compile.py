@@ -9,7 +9,6 @@ not depend on the backend, so they use ``aot_eager``, which compiles much faster
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,15 +22,7 @@ IDS = torch.tensor([[3, 5, 7, 9, 11], [2, 4, 6, 8, 10]])
 MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
 
 
-@pytest.fixture(autouse=True)
-def dynamo() -> Iterator[None]:
-    """A clean dynamo, guarding on module hooks (the recipe of docs/benchmarks.md, 'Compiled models')."""
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
-        yield
-    torch._dynamo.reset()
-    counters.clear()  # later tests' contexts would warn about graphs compiled here
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 
 def graphs() -> int:

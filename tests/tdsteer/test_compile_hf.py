@@ -10,7 +10,6 @@ GPU by default; ``_compile_all_devices`` makes it do so on the CPU too).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,14 +24,7 @@ BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") or shutil.whi
 NEW_TOKENS = 5
 
 
-@pytest.fixture(autouse=True)
-def dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
-        yield
-    torch._dynamo.reset()
-    counters.clear()  # later tests' contexts would warn about graphs compiled here
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 
 def tiny(kind: str) -> Any:

@@ -4,40 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_models import ToyLM
+from toy_models import ToyLM, block_output, no_hooks
 
 import tdsteer
 from tdsteer.positions import PositionTracker, Span, as_policy
 
 
-def _block_output(model: ToyLM, ids: torch.Tensor, layer: int = 0, **kwargs) -> torch.Tensor:
-    seen = {}
-    handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0]))
-    try:
-        model(ids, **kwargs)
-    finally:
-        handle.remove()
-    return seen["h"]
-
-
-def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and "generate" not in m.__dict__ for m in model.modules()
-    )
-
-
 def test_per_row_starts_steer_exactly_from_each_start(toy_lm: ToyLM) -> None:
     ids = torch.randint(0, 32, (3, 6))
     v = torch.randn(8)
-    plain = _block_output(toy_lm, ids)
+    plain = block_output(toy_lm, ids)
     handle = tdsteer.steer(toy_lm, {"blocks.0": v}, scale=2.0, positions="continuation")
     with handle:
         handle.set(starts=torch.tensor([0, 3, 5]))
-        steered = _block_output(toy_lm, ids)
+        steered = block_output(toy_lm, ids)
     changed = (steered - plain).abs().sum(-1) > 0
     assert changed.tolist() == [[True] * 6, [False] * 3 + [True] * 3, [False] * 5 + [True]]
     torch.testing.assert_close((steered - plain)[1, 3:], (2.0 * v).expand(3, 8), rtol=0, atol=1e-6)
-    assert handle.starts is None and _no_hooks(toy_lm)  # cleared and unhooked on exit
+    assert handle.starts is None and no_hooks(toy_lm)  # cleared and unhooked on exit
 
 
 def test_without_starts_a_plain_forward_is_not_steered(toy_lm: ToyLM) -> None:
@@ -79,7 +63,7 @@ def test_kv_cache_does_not_change_continuation_steering(toy_lm: ToyLM, starts: l
         uncached = toy_lm.generate(ids, max_new_tokens=5, use_cache=False)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, plain)
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_set_scale_while_open_equals_a_new_context(toy_lm: ToyLM) -> None:
@@ -99,11 +83,11 @@ def test_set_scale_while_open_equals_a_new_context(toy_lm: ToyLM) -> None:
 def test_set_positions_while_open(toy_lm: ToyLM) -> None:
     ids = torch.randint(0, 32, (2, 5))
     v = torch.randn(8)
-    plain = _block_output(toy_lm, ids)
+    plain = block_output(toy_lm, ids)
     handle = tdsteer.steer(toy_lm, {"blocks.0": v}, positions="prompt")
     with handle:
         handle.set(positions="continuation", starts=torch.tensor([2, 4]))
-        steered = _block_output(toy_lm, ids)
+        steered = block_output(toy_lm, ids)
     changed = (steered - plain).abs().sum(-1) > 0
     assert changed.tolist() == [[False, False, True, True, True], [False, False, False, False, True]]
     # leaving "all" needs position tracking, asked for up front
@@ -113,8 +97,8 @@ def test_set_positions_while_open(toy_lm: ToyLM) -> None:
     tracked = tdsteer.steer(toy_lm, {"blocks.0": v}, track_positions=True)
     with tracked:
         tracked.set(positions="continuation", starts=torch.tensor([2, 4]))
-        assert torch.equal(_block_output(toy_lm, ids), steered)
-    assert _no_hooks(toy_lm)
+        assert torch.equal(block_output(toy_lm, ids), steered)
+    assert no_hooks(toy_lm)
 
 
 def test_bad_starts_are_clear_errors(toy_lm: ToyLM) -> None:
@@ -124,7 +108,7 @@ def test_bad_starts_are_clear_errors(toy_lm: ToyLM) -> None:
     with handle, pytest.raises(ValueError, match="2 row starts were set but the batch has 3 rows"):
         handle.set(starts=torch.tensor([1, 2]))
         toy_lm(torch.randint(0, 32, (3, 4)))
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
     with pytest.raises(RuntimeError, match="already open"), handle, handle:
         pass
 

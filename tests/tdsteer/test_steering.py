@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from toy_models import ToyLM
+from toy_models import block_output, no_hooks
 
 import tdsteer
 from tdsteer import Site, SteeringVector, SteeringVectors, steer
 
-
-def _block_output(model: ToyLM, ids: torch.Tensor, layer: int = 1, **kwargs) -> torch.Tensor:
-    seen = {}
-    handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0]))
-    try:
-        model(ids, **kwargs)
-    finally:
-        handle.remove()
-    return seen["h"]
-
-
-def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and "generate" not in m.__dict__ for m in model.modules()
-    )
+_block_output = functools.partial(block_output, layer=1)  # these tests read block 1 unless told
 
 
 def test_add_changes_output_by_exactly_scale_v(toy_lm, device):
@@ -34,7 +22,7 @@ def test_add_changes_output_by_exactly_scale_v(toy_lm, device):
     with steer(model, {"blocks.1": v}, scale=3.0):
         steered = _block_output(model, ids)
     torch.testing.assert_close(steered - plain, (3.0 * v).expand_as(plain), rtol=0, atol=1e-6)
-    assert _no_hooks(model)
+    assert no_hooks(model)
 
 
 def test_positions_from_k_touch_only_those_tokens(toy_lm):
@@ -115,7 +103,7 @@ def test_per_row_scales_equal_separate_runs(toy_lm):
 def test_per_row_scale_of_wrong_length_is_refused(toy_lm):
     with steer(toy_lm, {"blocks.1": torch.randn(8)}, scale=torch.ones(4)), pytest.raises(ValueError, match="4 values"):
         toy_lm(torch.randint(0, 32, (3, 5)))
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated", "continuation", 2, "from:6"])
@@ -128,7 +116,7 @@ def test_generation_same_with_and_without_cache(toy_lm, positions):
         uncached = toy_lm.generate(ids, max_new_tokens=5, use_cache=False)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, plain)
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_prompt_and_generated_split_the_tokens(toy_lm):
@@ -166,20 +154,20 @@ def test_contexts_nest_and_compose(toy_lm):
     with steer(toy_lm, {"blocks.1": a}), steer(toy_lm, {"blocks.1": b}, scale=2.0):
         both = _block_output(toy_lm, ids)
         torch.testing.assert_close(both - plain, (a + 2 * b).expand_as(plain), atol=1e-6, rtol=0)
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_hooks_removed_after_exception(toy_lm):
     with pytest.raises(RuntimeError, match="boom"), steer(toy_lm, {"blocks.1": torch.randn(8)}, positions="prompt"):
         toy_lm.generate(torch.randint(0, 32, (1, 3)), max_new_tokens=1)
         raise RuntimeError("boom")
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_hooks_removed_after_error_inside_hook(toy_lm):
     with pytest.raises(ValueError, match="hidden size 5"), steer(toy_lm, {"blocks.1": torch.randn(5)}):
         toy_lm(torch.randint(0, 32, (1, 3)))
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_hidden_size_mismatch_names_site_and_sizes(toy_lm):
@@ -192,7 +180,7 @@ def test_hidden_size_mismatch_names_site_and_sizes(toy_lm):
 def test_unknown_site_operator_and_policy_are_clear_errors(toy_lm):
     with pytest.raises(ValueError, match="blocks.9"), steer(toy_lm, {"blocks.9": torch.randn(8)}):
         pass
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
     with (
         pytest.raises(ValueError, match="Unknown operator 'shove'"),
         steer(toy_lm, {"blocks.1": torch.randn(8)}, operator="shove"),
@@ -205,7 +193,7 @@ def test_unknown_site_operator_and_policy_are_clear_errors(toy_lm):
         pass
     with pytest.raises(ValueError, match="NaN"), steer(toy_lm, {"blocks.1": torch.full((8,), float("nan"))}):
         pass
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_vector_cast_once_to_activation_dtype(toy_lm):
@@ -225,7 +213,7 @@ def test_model_type_mismatch_warns_or_errors(toy_lm):
         pass
     with pytest.raises(ValueError, match="model type 'llama'"), steer(toy_lm, vector, check="error"):
         pass
-    assert _no_hooks(toy_lm)
+    assert no_hooks(toy_lm)
 
 
 def test_per_position_vector_is_added_at_real_positions(toy_lm):
@@ -275,4 +263,4 @@ def test_tdhook_style_steer_fn_with_tensordict(toy_cnn):
         out = hooked(TensorDict({"input": x}, batch_size=[2]))["output"]
     expected = toy_cnn.head(torch.zeros(2, 4))
     torch.testing.assert_close(out, expected)
-    assert _no_hooks(toy_cnn)
+    assert no_hooks(toy_cnn)

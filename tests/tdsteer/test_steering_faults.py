@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from toy_models import ToyCNN, ToyLM
+from toy_models import ToyCNN, ToyLM, block_output
 
 import tdsteer
 from tdsteer import Site, SteeringVectors
@@ -22,16 +22,6 @@ def _hook_count(model: torch.nn.Module) -> int:
 
 def _clean(model: torch.nn.Module) -> bool:
     return _hook_count(model) == 0 and "generate" not in model.__dict__
-
-
-def _block_output(model: ToyLM, ids: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    seen = {}
-    handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0]))
-    try:
-        model(ids)
-    finally:
-        handle.remove()
-    return seen["h"]
 
 
 # -- 1. non-finite scales, wherever a scale enters --------------------------------------------------
@@ -184,11 +174,11 @@ def test_training_a_vector_for_several_steps_in_one_context(toy_lm: ToyLM) -> No
 def test_an_in_place_change_of_the_vector_applies_from_the_next_call(toy_lm: ToyLM) -> None:
     v = torch.ones(8)
     ids = torch.randint(0, 32, (1, 3))
-    plain = _block_output(toy_lm, ids)
+    plain = block_output(toy_lm, ids)
     with tdsteer.steer(toy_lm, {"blocks.0": v}):
-        first = _block_output(toy_lm, ids)
+        first = block_output(toy_lm, ids)
         v.mul_(3)
-        second = _block_output(toy_lm, ids)
+        second = block_output(toy_lm, ids)
     torch.testing.assert_close(first - plain, torch.ones_like(plain), rtol=0, atol=1e-6)
     torch.testing.assert_close(second - plain, torch.full_like(plain, 3.0), rtol=0, atol=1e-6)
 

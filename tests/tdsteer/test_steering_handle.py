@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_models import ToyLM
+from toy_models import ToyLM, block_output
 
 import tdsteer
 from tdsteer import SteeringVector, SteeringVectors
-
-
-def _block_output(model: ToyLM, ids: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    seen = {}
-    handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0]))
-    try:
-        model(ids)
-    finally:
-        handle.remove()
-    return seen["h"]
 
 
 def test_set_vector_while_open_equals_a_new_context(toy_lm: ToyLM) -> None:
@@ -80,7 +70,7 @@ def test_hooks_run_before_other_hooks_and_in_nesting_order(toy_lm: ToyLM) -> Non
     seen: list[torch.Tensor] = []
     reader = toy_lm.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out[0].detach()))
     try:
-        plain = _block_output(toy_lm, ids)
+        plain = block_output(toy_lm, ids)
         a, b = torch.randn(8), torch.randn(8)
         with tdsteer.steer(toy_lm, {"blocks.0": a}), tdsteer.steer(toy_lm, {"blocks.0": b}, operator="ablate"):
             toy_lm(ids)

@@ -90,3 +90,21 @@ class ToyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def block_output(model: ToyLM, ids: torch.Tensor, layer: int = 0, **kwargs: object) -> torch.Tensor:
+    """The hidden states block ``layer`` of ``model`` returns when it runs on ``ids``."""
+    seen = {}
+    handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0]))
+    try:
+        model(ids, **kwargs)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def no_hooks(model: nn.Module) -> bool:
+    """No forward hook or pre-hook on any module, and no ``generate`` wrapper left on any."""
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and "generate" not in m.__dict__ for m in model.modules()
+    )
