@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 
 import tdsteer
 from tdsteer_eval import SteeredLM
+from tdsteer_eval.lm import check_positions
 
 SCALE = 6.0
 
@@ -173,3 +175,28 @@ def test_kv_cache_does_not_change_continuation_steering(tiny: Any, starts: list[
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(fresh.logits), rtol=1e-7, atol=1e-9)
     plain = generate(True)
     assert not torch.allclose(torch.stack(cached.logits), torch.stack(plain.logits))
+
+
+@pytest.mark.parametrize("policy", ["patches", "prefix"])
+def test_image_policies_are_refused_before_the_model_loads(tiny: Any, tmp_path: Any, policy: str) -> None:
+    """``patches`` / ``prefix`` select by a vision transformer's prefix tokens: for a language model
+    they are refused, in Python and in lm-eval's ``model_args``, before the model is read."""
+    missing = tmp_path / "no-model-here"  # loading it would fail with another error
+    with pytest.raises(ValueError) as raised:
+        SteeredLM(pretrained=str(missing), vector=tiny.vector, positions=policy)
+    message = str(raised.value)
+    assert f"positions={policy!r}" in message and "image models" in message and "language model" in message
+    for name in ("all", "prompt", "generated", "continuation", "assistant", "from:K"):
+        assert name in message
+    assert "patches" not in message.split("use one of")[1] and "prefix" not in message.split("use one of")[1]
+    vector = tmp_path / "vector.safetensors"
+    tiny.vector.save(vector)
+    with pytest.raises(ValueError, match=f"positions={policy!r} is a policy of image models"):
+        get_model("tdsteer").create_from_arg_string(f"pretrained={missing},vector={vector},positions={policy}")
+
+
+def test_unknown_policy_lists_the_token_policies_only(tiny: Any) -> None:
+    with pytest.raises(ValueError, match="Unknown position policy 'middle'") as raised:
+        SteeredLM(pretrained="unused", vector=tiny.vector, positions="middle")
+    assert "assistant" in str(raised.value) and "patches" not in str(raised.value)
+    assert check_positions("from:2") == "from:2" and check_positions("assistant") == "continuation"

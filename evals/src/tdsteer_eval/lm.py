@@ -17,7 +17,7 @@ from tdsteer import SteeringVector
 from tdsteer.checks import Check, as_check
 from tdsteer.handle import SteeringHandle
 from tdsteer.operators import as_operator
-from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_policy
+from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_token_policy
 from tdsteer.vector import VectorSource, as_vector, is_lm_eval_file
 from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
 
@@ -30,8 +30,16 @@ def check_positions(positions: PositionsLike) -> PositionsLike:
     """The core policy behind a :class:`SteeredLM` policy (``"assistant"`` steers as ``"continuation"``
     from other starts).
 
+    Args:
+        positions: A policy of :data:`POSITIONS`.
+
+    Returns:
+        What :func:`tdsteer.steer` gets: ``positions`` itself, or ``"continuation"`` for ``"assistant"``.
+
     Raises:
-        ValueError: Not a policy.
+        TypeError: A bool.
+        ValueError: Not a policy, or an image policy (``"patches"``, ``"prefix"``), which means nothing
+            for a language model; the message lists the policies to use instead.
 
     Examples:
         >>> check_positions("assistant"), check_positions(3)
@@ -39,10 +47,7 @@ def check_positions(positions: PositionsLike) -> PositionsLike:
     """
     if positions == "assistant":
         return "continuation"
-    try:
-        as_policy(positions)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{error}, or 'assistant'") from None
+    as_token_policy(positions, extra=("assistant",))
     return positions
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -135,6 +136,58 @@ def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
         >>> as_policy("patches").per_site
         True
     """
+    policy = _parse(positions)
+    if policy is None:
+        every = ", ".join((*POSITION_POLICIES[:-1], *IMAGE_POLICIES, POSITION_POLICIES[-1]))
+        raise ValueError(f"Unknown position policy {positions!r}; use one of {every}")
+    return policy
+
+
+def as_token_policy(positions: PositionsLike | PositionPolicy, extra: Sequence[str] = ()) -> PositionPolicy:
+    """Parse the position policy of a language model: ``"all"`` or a token policy. The image policies
+    (``"patches"``, ``"prefix"``: per-site masks from a vision transformer's prefix tokens) select
+    nothing meaningful in a token sequence and are refused, before any model runs.
+
+    Args:
+        positions: The policy, by name or as a :class:`PositionPolicy`.
+        extra: Names of policies the caller accepts besides the core's (``"assistant"`` in
+            ``tdsteer_eval``), listed in the error message; the caller handles them before this call.
+
+    Returns:
+        The :class:`PositionPolicy`.
+
+    Raises:
+        TypeError: A bool.
+        ValueError: An image policy, an unknown name or a negative start; the message lists the
+            token policies to use instead.
+
+    Examples:
+        >>> as_token_policy("from:2")
+        PositionPolicy(kind='from', start=2)
+        >>> as_token_policy("patches")
+        Traceback (most recent call last):
+        ...
+        ValueError: positions='patches' is a policy of image models (it selects positions from each site's prefix tokens) and means nothing for a language model; use one of all, prompt, generated, continuation, from:K (or an int K)
+    """
+    names = ", ".join((*POSITION_POLICIES[:-1], *extra, POSITION_POLICIES[-1]))
+    policy = _parse(positions)
+    if policy is None:
+        raise ValueError(f"Unknown position policy {positions!r}; use one of {names}")
+    if policy.per_site:
+        raise ValueError(
+            f"positions={policy.kind!r} is a policy of image models (it selects positions from each site's "
+            f"prefix tokens) and means nothing for a language model; use one of {names}"
+        )
+    return policy
+
+
+def _parse(positions: PositionsLike | PositionPolicy) -> PositionPolicy | None:
+    """The policy named by ``positions``, or ``None`` for an unknown name.
+
+    Raises:
+        TypeError: A bool.
+        ValueError: A negative start.
+    """
     if isinstance(positions, PositionPolicy):
         return positions
     if isinstance(positions, bool):
@@ -149,5 +202,4 @@ def as_policy(positions: PositionsLike | PositionPolicy) -> PositionPolicy:
         match = _FROM.match(positions)
         if match:
             return PositionPolicy("from", int(match.group(1)))
-    every = ", ".join((*POSITION_POLICIES[:-1], *IMAGE_POLICIES, POSITION_POLICIES[-1]))
-    raise ValueError(f"Unknown position policy {positions!r}; use one of {every}")
+    return None

@@ -39,6 +39,7 @@ from tdsteer.policies import (
     Selection,
     Span,
     as_policy,
+    as_token_policy,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Selection",
     "Span",
     "as_policy",
+    "as_token_policy",
     "check_starts",
     "leading_padding",
     "past_length",
