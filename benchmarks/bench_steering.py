@@ -12,7 +12,9 @@ Measures, against the same model run plainly:
   reading a middle and the last layer, with ``stop_early`` on (the default) and off;
 * (e) opening and closing each context (target: 50 us plus 10 us per site on a CPU);
 * (f) compiled vs eager ``generate`` with a static cache, plain and steered (target: compiled steered
-  within 1.01x compiled plain).
+  within 1.01x compiled plain);
+* (g) on CUDA, the peak memory of steered ``generate`` against plain (target: plain plus the vectors,
+  and the moment in which a block's output and its steered copy both exist).
 
 Every timed call runs inside an already open context (for forwards, after one untimed 1-token
 call that lets the context do its first-call setup); opening and closing the contexts is timed
@@ -58,6 +60,7 @@ from _steering_contexts import (
     time_contexts,
     time_set_scale,
 )
+from _steering_memory import bench_memory, print_memory
 from _steering_timing import COMPILED_TARGET, EXTRACT_TARGET, FORWARD_TARGET, ContextFactory, interleaved, print_table
 from _steering_timing import summarize as summarize_times
 
@@ -138,7 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="overrides the preset")
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["forward", "generate", "extract", "peer", "contexts", "compiled"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["forward", "generate", "extract", "peer", "contexts", "compiled", "memory"],
     )
     parser.add_argument(
         "--smoke", action="store_true", help="run every correctness check at the quick sizes, time nothing (CI)"
@@ -486,12 +492,19 @@ def bench_compiled_generate(args: argparse.Namespace, model: nn.Module, ctx: dic
     return bench_compiled(args, model, ctx, prompt)
 
 
+def bench_generate_memory(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
+    """(g) Peak CUDA memory of generate, plain and steered."""
+    prompt = to_device(left_padded(args.gen_batch, args.prompt_len, ctx["vocab"], ctx["generator"]), ctx["device"])
+    return bench_memory(args, model, ctx, prompt)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module, dict[str, Any]], dict[str, Any]]] = {
     "forward": bench_forward,
     "generate": bench_generate,
     "extract": bench_extract,
     "contexts": bench_contexts,
     "compiled": bench_compiled_generate,
+    "memory": bench_generate_memory,
 }
 
 
@@ -521,6 +534,8 @@ def report(section: str, result: dict[str, Any], args: argparse.Namespace, cpu_c
         )
     elif section == "contexts":
         print_contexts(result)
+    elif section == "memory":
+        print_memory(result)
     else:
         title = (
             f"(f) generate {args.new_tokens} new tokens with a static cache, compiled ({result['backend']}, mode "
