@@ -15,7 +15,6 @@ then those of rank 1 and on, with examples numbered in that order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from tdsteer.cache.manifest import (
     write_manifest,
 )
 from tdsteer.cache.recording import Plan, record_cache, record_locked
-from tdsteer.cache.storage import VERIFY_MODES, CacheStore, Chunk, Verify, columns_of
+from tdsteer.cache.storage import CacheStore, Chunk, ChunkedRows, Verify, check_verify, columns_of
 from tdsteer.errors import ActivationCacheError
 from tdsteer.safe_io import remove_stale_temps, short_repr
 
@@ -88,7 +87,7 @@ def record_ranks(plan: Plan, path: Path | None, group: Any) -> RankedStore:
         parallel.agree(failure, group, keep=KEEP)
         mine = RankPart(0, 0, EMPTY_HASH)
         if store is not None:
-            mine = RankPart(store.rows, store.progress.examples, store.progress.data_order)
+            mine = part_of(store)
         manifest = manifest_of(parallel.gather((mine, None if store is None else store.header), group), path)
         if rank == 0:
             try:
@@ -179,7 +178,12 @@ def manifest_of(parts: list[tuple[RankPart, dict[str, Any] | None]], path: Path)
     return Manifest(len(parts), shared, tuple(part for part, _ in parts))
 
 
-class RankedStore:
+def part_of(store: CacheStore) -> RankPart:
+    """What one rank's cache holds, as the manifest records it."""
+    return RankPart(store.rows, store.progress.examples, store.progress.data_order)
+
+
+class RankedStore(ChunkedRows):
     """The caches of every rank of a recording, read as one cache (read-only).
 
     Rows are those of rank 0, then of rank 1 and on; ``index`` and ``pair`` number the examples in
@@ -226,18 +230,6 @@ class RankedStore:
         """The cache recorded by several ranks at ``path``."""
         return cls(read_manifest(path), path, verify)
 
-    @property
-    def rows(self) -> int:
-        """Rows of every rank."""
-        return self.progress.rows
-
-    def spans(self) -> Iterator[tuple[int, Chunk]]:
-        """Every chunk of every rank, in order, with the index of its first row."""
-        start = 0
-        for chunk in self.chunks:
-            yield start, chunk
-            start += chunk.rows
-
     def _check(self, rank: int, store: CacheStore, claimed: RankPart) -> None:
         folder, header = store.path, self.manifest.header
         for name in (*SHARED_FIELDS, "hidden_sizes"):
@@ -247,7 +239,7 @@ class RankedStore:
                     f"{short_repr(store.header.get(name))}, the manifest of {str(self.path)!r} says "
                     f"{short_repr(header.get(name))}: the folder mixes two recordings; record it again"
                 )
-        held = RankPart(store.rows, store.progress.examples, store.progress.data_order)
+        held = part_of(store)
         if held != claimed:
             world = self.manifest.world_size
             raise ActivationCacheError(
@@ -260,8 +252,7 @@ class RankedStore:
 
 def open_store(path: Path, verify: Verify) -> CacheStore | RankedStore:
     """The cache at ``path``: recorded by one process, or by several ranks (with a manifest)."""
-    if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_MODES))}, got {verify!r}")
+    check_verify(verify)
     if (path / MANIFEST).is_file():
         return RankedStore.open(path, verify)
     if not (path / HEADER).is_file() and path.is_dir():

@@ -213,10 +213,8 @@ class ActivationCache:
             raise KeyError(f"No column {name!r}; the cache has sites {[s.key for s in self.sites]} and {ROW_FIELDS}")
         stop = self.rows if stop is None else min(stop, self.rows)
         parts = []
-        for chunk_start, chunk in self.store.spans():
-            lo, hi = max(start, chunk_start), min(stop, chunk_start + chunk.rows)
-            if lo < hi:
-                parts.append(chunk.data[name][lo - chunk_start : hi - chunk_start])
+        for chunk, lo, hi in self.store.pieces(start, stop):
+            parts.append(chunk.data[name][lo:hi])
         if not parts:
             column = self.store.columns[name]
             return torch.empty(column.shape(0), dtype=column.dtype)

@@ -235,7 +235,53 @@ class Chunk:
                 os.truncate(filename, column.nbytes(self.rows))
 
 
-class CacheStore:
+def check_verify(verify: str) -> None:
+    """Raise ``ValueError`` unless ``verify`` is one of :data:`VERIFY_MODES`."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_MODES))}, got {verify!r}")
+
+
+class ChunkedRows:
+    """Rows held in a list of chunks and numbered across them: what every store shares.
+
+    The rows of chunk ``k`` follow those of the chunks before it; the store's ``progress`` says how
+    many rows are written (the last chunk may hold room for more). Subclasses set ``header``,
+    ``path``, ``progress``, ``columns`` and ``chunks``.
+    """
+
+    header: dict[str, Any]
+    path: Path | None
+    progress: Progress
+    columns: dict[str, Column]
+    chunks: list[Chunk]
+
+    @property
+    def rows(self) -> int:
+        """Rows written so far."""
+        return self.progress.rows
+
+    @property
+    def capacity(self) -> int:
+        """Rows the chunks have room for, written or not."""
+        return sum(chunk.rows for chunk in self.chunks)
+
+    def spans(self) -> Iterator[tuple[int, Chunk]]:
+        """Every chunk, in order, with the index of its first row."""
+        start = 0
+        for chunk in self.chunks:
+            yield start, chunk
+            start += chunk.rows
+
+    def pieces(self, start: int, stop: int) -> Iterator[tuple[Chunk, int, int]]:
+        """Where rows ``start:stop`` lie: each chunk holding some of them, with the first and the
+        after-last of those rows counted inside the chunk, in row order."""
+        for chunk_start, chunk in self.spans():
+            lo, hi = max(start, chunk_start), min(stop, chunk_start + chunk.rows)
+            if lo < hi:
+                yield chunk, lo - chunk_start, hi - chunk_start
+
+
+class CacheStore(ChunkedRows):
     """The header, chunks and progress of one cache, in memory (``path=None``) or in a folder.
 
     Package-internal: :class:`~tdsteer.cache.ActivationCache` reads through it and the recording
@@ -261,8 +307,7 @@ class CacheStore:
     @classmethod
     def open(cls, path: Path, header: dict[str, Any] | None = None, verify: Verify = "on_read") -> CacheStore:
         """The cache recorded at ``path`` (its header read again unless given)."""
-        if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_MODES))}, got {verify!r}")
+        check_verify(verify)
         header = header or read_header(path)
         columns = [c.name for c in columns_of(header)]
         return cls(header, path, read_progress(path, columns, header["format_version"]), verify)
@@ -277,18 +322,6 @@ class CacheStore:
             store.checkpoint()
         return store
 
-    @property
-    def rows(self) -> int:
-        """Rows written so far."""
-        return self.progress.rows
-
-    def spans(self) -> Iterator[tuple[int, Chunk]]:
-        """Every chunk with the index of its first row."""
-        start = 0
-        for chunk in self.chunks:
-            yield start, chunk
-            start += chunk.rows
-
     def append(
         self, values: Mapping[str, Tensor], *, examples: int, data_order: str, planned_rows: int | None, chunk_rows: int
     ) -> None:
@@ -302,12 +335,9 @@ class CacheStore:
         new_rows = len(next(iter(values.values())))
         self._reserve(start + new_rows, planned_rows, chunk_rows)
         offset = 0
-        for chunk_start, chunk in self.spans():
-            lo, hi = max(start, chunk_start), min(start + new_rows, chunk_start + chunk.rows)
-            if lo >= hi:
-                continue
+        for chunk, lo, hi in self.pieces(start, start + new_rows):
             for name, column in values.items():
-                chunk.write(name, lo - chunk_start, column[offset : offset + hi - lo])
+                chunk.write(name, lo, column[offset : offset + hi - lo])
             offset += hi - lo
         self.progress = Progress(start + new_rows, examples, data_order)
 
@@ -328,7 +358,7 @@ class CacheStore:
 
         In that order: a crash in between leaves files longer than claimed, which load and resume.
         """
-        capacity = sum(c.rows for c in self.chunks)
+        capacity = self.capacity
         if capacity > self.rows:
             last = self.chunks[-1]
             last.rows -= capacity - self.rows
@@ -348,7 +378,7 @@ class CacheStore:
         return None if self.path is None else self.path / f"chunk-{index:05d}"
 
     def _reserve(self, needed: int, planned_rows: int | None, chunk_rows: int) -> None:
-        capacity = sum(c.rows for c in self.chunks)
+        capacity = self.capacity
         while capacity < needed:
             rows = (
                 max(planned_rows - capacity, needed - capacity) if planned_rows else max(chunk_rows, needed - capacity)
