@@ -32,14 +32,17 @@ def _peak_bytes(make_context: ContextFactory, call: Callable[[], Any], device: t
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def bench_memory(args: Any, model: nn.Module, ctx: dict[str, Any], prompt: dict[str, Tensor]) -> dict[str, Any]:
+def bench_memory(
+    args: Any, model: nn.Module, ctx: dict[str, Any], generate: Callable[[], Tensor], prompt_shape: torch.Size
+) -> dict[str, Any]:
     """Peak CUDA memory of ``generate``, plain and steered at every layer (``"all"``, ``"generated"``).
 
     Args:
-        args: bench_steering's arguments (``new_tokens``, ``scale``, ``dtype``).
+        args: bench_steering's arguments (``scale``, ``dtype``).
         model: The model, on a CUDA device.
-        ctx: bench_steering's shared context (``device``, ``every``, ``layers``).
-        prompt: The prompt batch, on the model's device.
+        ctx: bench_steering's shared context (``device``, ``every``).
+        generate: The ``generate`` call to measure.
+        prompt_shape: ``[batch, length]`` of its prompt.
 
     Returns:
         ``{"skipped": reason}`` off CUDA; else the peaks in bytes per case, the bytes the vectors take,
@@ -48,16 +51,6 @@ def bench_memory(args: Any, model: nn.Module, ctx: dict[str, Any], prompt: dict[
     device: torch.device = ctx["device"]
     if device.type != "cuda":
         return {"skipped": "peak memory is measured on CUDA devices only"}
-
-    def generate() -> Tensor:
-        return model.generate(
-            **prompt,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=0,
-        )
 
     cases: dict[str, ContextFactory] = {
         "plain": contextlib.nullcontext,
@@ -71,7 +64,7 @@ def bench_memory(args: Any, model: nn.Module, ctx: dict[str, Any], prompt: dict[
     # a copy of each direction in the model's dtype (none here: they are made in it) and the cached
     # scale * v: at most two hidden-size rows per site
     vector_bytes = 2 * sum(v.numel() for v in vectors.values()) * itemsize
-    batch, length = prompt["input_ids"].shape
+    batch, length = prompt_shape
     hidden = next(iter(vectors.values())).numel()
     activation = batch * length * hidden * itemsize
     checks = {}

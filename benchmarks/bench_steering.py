@@ -186,6 +186,13 @@ def check_same(name: str, got: Tensor, want: Tensor, checks: dict[str, Any], ato
         print(f"WARNING: {name}: max abs difference {diff:.3g} > {atol:g}", file=sys.stderr)
 
 
+def greedy_generate(model: nn.Module, prompt: dict[str, Tensor], new_tokens: int) -> Callable[[], Tensor]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens with the KV cache, as a call."""
+    return lambda: model.generate(
+        **prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0
+    )
+
+
 def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
     device, scale, one, every = ctx["device"], args.scale, ctx["one"], ctx["every"]
     inputs = to_device(left_padded(args.batch, args.seq_len, ctx["vocab"], ctx["generator"]), device)
@@ -276,16 +283,7 @@ def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, An
     if ctx["peer"] is not None:
         contexts["steering-vectors 12 layers"] = peer_context(ctx["peer"], model, ctx["every_peer"], scale)
 
-    def generate() -> Tensor:
-        return model.generate(
-            **prompt,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=0,
-        )
-
+    generate = greedy_generate(model, prompt, args.new_tokens)
     checks: dict[str, Any] = {}
     plain = generate()
     outputs = {}
@@ -495,7 +493,7 @@ def bench_compiled_generate(args: argparse.Namespace, model: nn.Module, ctx: dic
 def bench_generate_memory(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any]) -> dict[str, Any]:
     """(g) Peak CUDA memory of generate, plain and steered."""
     prompt = to_device(left_padded(args.gen_batch, args.prompt_len, ctx["vocab"], ctx["generator"]), ctx["device"])
-    return bench_memory(args, model, ctx, prompt)
+    return bench_memory(args, model, ctx, greedy_generate(model, prompt, args.new_tokens), prompt["input_ids"].shape)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module, dict[str, Any]], dict[str, Any]]] = {
