@@ -22,6 +22,9 @@ import torch.multiprocessing as mp
 
 import tdsteer
 from tdsteer import ActivationCache, ActivationCacheError
+from tdsteer.cache.manifest import write_manifest
+from tdsteer.cache.ranks import manifest_of, part_of, unshard
+from tdsteer.cache.storage import CacheStore
 
 SITES = ["0", "2"]
 METHODS = ("mean_diff", "pca_diff", "probe")
@@ -132,6 +135,11 @@ def _assert_same_cache(found: ActivationCache, expected: ActivationCache, count:
     for name in [*SITES, "label"]:
         torch.testing.assert_close(found[name], expected[name][rows], atol=1e-6, rtol=1e-6)
     assert found["pair"].tolist() == example.tolist()
+    # rank order is not data order; data_index puts the rows back in the one-process order
+    order = torch.argsort(found.data_index(), stable=True)
+    assert found.data_index()[order].tolist() == expected["index"].tolist()
+    for name in [*SITES, "label"]:
+        torch.testing.assert_close(found.take(name, order), expected[name], atol=1e-6, rtol=1e-6)
     for method in METHODS if count > 1 else ("mean_diff", "probe"):
         for site in SITES:
             torch.testing.assert_close(
@@ -235,3 +243,40 @@ def test_a_damaged_or_incomplete_manifest_is_refused(tmp_path: Path) -> None:
 
     with recording_lock(path / "rank-00000-of-00001"), pytest.raises(ActivationCacheError, match="another process"):
         ActivationCache.record(_model(), batches, SITES, path=path, progress=False, distributed=True)
+
+
+@pytest.mark.parametrize(("count", "world"), [(9, 2), (10, 3), (2, 4), (0, 2), (7, 1)])
+def test_unshard_inverts_shard(count: int, world: int) -> None:
+    """Example numbers in rank order (each rank's ``shard`` of the data, rank after rank) map back to
+    the data's order."""
+    shares = [list(range(count))[rank::world] for rank in range(world)]  # what shard gives each rank
+    in_rank_order = [example for share in shares for example in share]
+    found = unshard(torch.arange(count), [len(share) for share in shares])
+    assert found.tolist() == in_rank_order and found.dtype == torch.int64
+
+
+def _ranks_by_hand(path: Path, shares: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> ActivationCache:
+    """A recording by ``len(shares)`` ranks made in this process: each rank's cache recorded alone, then
+    the manifest rank 0 writes."""
+    world, stores = len(shares), []
+    for rank, share in enumerate(shares):
+        folder = path / f"rank-{rank:05d}-of-{world:05d}"
+        ActivationCache.record(_model(), _batches(share), SITES, path=folder, progress=False, chunk_rows=3)
+        stores.append(CacheStore.open(folder))
+    write_manifest(path, manifest_of([(part_of(store), store.header) for store in stores], path))
+    return ActivationCache.load(path)
+
+
+def test_rows_come_in_rank_order_and_data_index_gives_the_data_order(tmp_path: Path) -> None:
+    examples = _examples(7)
+    cache = _ranks_by_hand(tmp_path / "c", [examples[rank::3] for rank in range(3)])
+    expected = _one_process(7)
+    assert cache["index"].tolist() == expected["index"].tolist()  # numbered 0..6 in rank order...
+    with pytest.raises(AssertionError):  # ...so the rows are not those of the one-process recording
+        torch.testing.assert_close(cache["0"], expected["0"])
+    _assert_same_cache(cache, expected, 7, world=3)
+    # split another way (the first 5 examples, then 2): shard's shares would be 4 and 3
+    split = _ranks_by_hand(tmp_path / "blocks", [examples[:5], examples[5:]])
+    assert len(split) == 14 and split.metadata["world_size"] == 2  # reads fine, in rank order
+    with pytest.raises(ActivationCacheError, match=r"recorded \[5, 2\] examples, not the shares .* \(\[4, 3\]\)"):
+        split.data_index()

@@ -9,15 +9,22 @@ stopped. The ranks agree at three points, so that a failure on one fails all of 
 message instead of leaving the others waiting: after checking the folder and taking their locks
 (and that they record the same model with the same settings), after recording, and after rank 0
 wrote ``manifest.json``. :class:`RankedStore` reads the ranks' caches as one: the rows of rank 0,
-then those of rank 1 and on, with examples numbered in that order.
+then those of rank 1 and on, with examples numbered in that order (rank order, not the order of the
+data before it was split: the cache cannot tell how it was split; :func:`unshard` maps rank order
+back to data order when the split was :func:`tdsteer.distributed.shard` of the examples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from tdsteer import distributed as parallel
 from tdsteer.cache.files import EMPTY_HASH, HEADER, Progress, recording_lock
@@ -187,7 +194,8 @@ class RankedStore(ChunkedRows):
     """The caches of every rank of a recording, read as one cache (read-only).
 
     Rows are those of rank 0, then of rank 1 and on; ``index`` and ``pair`` number the examples in
-    that order (rank ``r``'s example ``i`` is example ``i`` plus the examples of the ranks before).
+    that order (rank ``r``'s example ``i`` is example ``i`` plus the examples of the ranks before),
+    not in the order of the data before it was split (see :func:`unshard`).
     Opening checks that every rank's cache holds what the manifest claims, so a recording that is
     still running, was killed, or was appended to since is refused rather than read half-way.
 
@@ -225,6 +233,11 @@ class RankedStore(ChunkedRows):
             orders.update(f"{part.examples}:{part.data_order};".encode())
         self.progress = Progress(sum(store.rows for store in self.parts), offset, orders.hexdigest())
 
+    @property
+    def rank_examples(self) -> tuple[int, ...]:
+        """Examples recorded by each rank, in rank order (``0`` for a rank whose share was empty)."""
+        return tuple(part.examples for part in self.manifest.parts)
+
     @classmethod
     def open(cls, path: Path, verify: Verify = "on_read") -> RankedStore:
         """The cache recorded by several ranks at ``path``."""
@@ -248,6 +261,39 @@ class RankedStore(ChunkedRows):
                 f"{claimed.examples} ({claimed.rows} rows){' of other data' if held.rows == claimed.rows else ''}; "
                 f"rerun the recording with {world} processes (torchrun) to finish it, or load one rank's cache alone"
             )
+
+
+def unshard(index: Tensor, rank_examples: Sequence[int]) -> Tensor:
+    """Where examples numbered in rank order were in the data that :func:`tdsteer.distributed.shard`
+    split over the ranks (rank ``r`` got every ``world``-th example from ``r`` on).
+
+    Args:
+        index: Example numbers in rank order (the cache's ``index`` column): the examples of rank 0,
+            then those of rank 1 and on.
+        rank_examples: How many examples each rank recorded.
+
+    Returns:
+        The position of each example in the data before it was split (``int64``, the shape of ``index``).
+
+    Raises:
+        ActivationCacheError: The ranks' counts are not the shares ``shard`` gives: the data was split
+            another way, and its order cannot be rebuilt.
+
+    Examples:
+        >>> unshard(torch.arange(5), [3, 2])  # shard(range(5)) over 2 ranks: [0, 2, 4] and [1, 3]
+        tensor([0, 2, 4, 1, 3])
+    """
+    world, total = len(rank_examples), sum(rank_examples)
+    shares = [len(range(rank, total, world)) for rank in range(world)]
+    if list(rank_examples) != shares:
+        raise ActivationCacheError(
+            f"The {world} ranks of this cache recorded {list(rank_examples)} examples, not the shares "
+            f"tdsteer.distributed.shard gives {total} examples over {world} ranks ({shares}): the data was split "
+            "another way and its order cannot be rebuilt; number the examples in rank order (the 'index' column)"
+        )
+    firsts = torch.tensor([0, *itertools.accumulate(rank_examples)][:-1], dtype=torch.int64)
+    rank = torch.searchsorted(firsts, index.to(torch.int64), right=True) - 1
+    return rank + world * (index - firsts[rank])
 
 
 def open_store(path: Path, verify: Verify) -> CacheStore | RankedStore:

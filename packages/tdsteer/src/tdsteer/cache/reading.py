@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.cache.files import ROW_FIELDS
-from tdsteer.cache.ranks import RankedStore, open_store, record_store
+from tdsteer.cache.ranks import RankedStore, open_store, record_store, unshard
 from tdsteer.cache.recording import plan_recording
 from tdsteer.cache.storage import CacheStore, Chunk, Verify
 from tdsteer.keys import BatchKeys
@@ -37,7 +37,10 @@ class ActivationCache:
 
     A cache recorded by several ``torch.distributed`` ranks (:meth:`record`) reads as one: every read
     spans the rows of rank 0, then rank 1 and on, ``index`` and ``pair`` numbering the examples in
-    that order; ``metadata["world_size"]`` gives the number of ranks.
+    that order; ``metadata["world_size"]`` gives the number of ranks. Rows come in *rank order*, not
+    in the order of the data before it was split over the ranks (the cache cannot tell how it was
+    split): fitted vectors do not depend on the order, and :meth:`data_index` gives each row's place
+    in the data when the split was :func:`tdsteer.distributed.shard` of the examples.
 
     Args:
         store: The recorded rows (package-internal; use :meth:`record` or :meth:`load`).
@@ -237,6 +240,32 @@ class ActivationCache:
             if bool(inside.any()):
                 out[inside] = chunk.data[name][rows[inside] - chunk_start]
         return out
+
+    def data_index(self) -> Tensor:
+        """Each row's example number in the data before :func:`tdsteer.distributed.shard` split it over
+        the ranks that recorded the cache; the ``index`` column itself for a one-process cache.
+
+        Rows are read back rank by rank (``index`` numbers the examples in that order); sorting by
+        this index (stable, so each pair keeps its positive before its negative) gives the rows of a
+        one-process recording of the same data, in its order. It assumes each rank recorded its
+        ``shard`` of the examples (not of the batches): the cache holds no record of the split, and
+        checks only that each rank holds as many examples as ``shard`` gives it.
+
+        Returns:
+            ``int64`` ``[rows]``.
+
+        Raises:
+            ActivationCacheError: The ranks hold other counts of examples than ``shard`` gives them.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Identity())
+            >>> cache = ActivationCache.record(model, [{"inputs": torch.ones(3, 2), "labels": [0, 1, 2]}], ["0"], progress=False)
+            >>> order = torch.argsort(cache.data_index(), stable=True)  # rows in data order
+            >>> cache.take("label", order).tolist()
+            [0, 1, 2]
+        """
+        return unshard(self.column("index"), self.store.rank_examples)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.column(name)

@@ -261,6 +261,11 @@ class ChunkedRows:
         return self.progress.rows
 
     @property
+    def rank_examples(self) -> tuple[int, ...]:
+        """Examples recorded by each rank, in rank order (one process: one rank)."""
+        return (self.progress.examples,)
+
+    @property
     def capacity(self) -> int:
         """Rows the chunks have room for, written or not."""
         return sum(chunk.rows for chunk in self.chunks)
