@@ -128,7 +128,7 @@ class SiteSteerer:
                 return None
         vector, scale, delta = self._prepared(x)
         if delta is not None:
-            out = x + (delta if mask is None else delta * mask)
+            out = x + delta if mask is None else torch.addcmul(x, mask, delta)
         else:
             if vector is None:
                 vector = x.new_zeros(x.shape[-1])
@@ -226,7 +226,7 @@ class SiteSteerer:
         wide_vector = vector.to(x.device)
         if self.fast_add:
             delta = (wide_vector * scale).to(x.dtype)
-            out = x + (delta if mask is None else delta * mask)
+            out = x + delta if mask is None else torch.addcmul(x, mask, delta)
         else:
             cast = wide_vector.to(x.dtype)
             if self.positional:
