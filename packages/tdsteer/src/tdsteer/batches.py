@@ -9,6 +9,8 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
+from tdsteer.safe_io import tensor_bytes
+
 
 def to_device(value: Any, device: torch.device | None) -> Any:
     """``value`` (a tensor, a TensorDict or a mapping of them) on ``device``; ``None`` leaves it where it is."""
@@ -42,10 +44,26 @@ def batch_size(inputs: Any) -> int:
 
 
 def digest(hasher: Any, value: Any) -> None:
-    """Feed ``value``'s shapes and bytes (keys in sorted order) to ``hasher`` (a ``hashlib`` object)."""
+    """Feed ``value``'s shapes and bytes (keys in sorted order) to ``hasher`` (a ``hashlib`` object).
+
+    A tensor's bytes are its values in row-major order, whatever its dtype (``bfloat16`` included);
+    a contiguous CPU tensor is hashed in place, through a view of its memory, with no copy.
+
+    Args:
+        hasher: A ``hashlib`` object (anything with ``update(bytes)``).
+        value: A tensor, or a mapping (or TensorDict) of them, nested to any depth; other values
+            add nothing.
+
+    Examples:
+        >>> import hashlib
+        >>> hasher = hashlib.sha256()
+        >>> digest(hasher, {"input_ids": torch.arange(6).reshape(2, 3)})
+        >>> hasher.hexdigest()[:16]
+        '53b8dbd9a54d6689'
+    """
     if isinstance(value, Tensor):
         hasher.update(str(tuple(value.shape)).encode())
-        hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
+        hasher.update(tensor_bytes(value.detach().cpu()))
     elif isinstance(value, (Mapping, TensorDictBase)):
         for key in sorted(value.keys()):
             hasher.update(str(key).encode())
