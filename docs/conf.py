@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import astroid
+from autoapi import _astroid_utils
+from autoapi._parser import Parser as _AutoapiParser
 from sphinx.util import logging as sphinx_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +80,24 @@ class _ThirdPartyModules(set):  # type: ignore[type-arg]
 
 
 astroid.MANAGER.brain["module_denylist"] = astroid.MANAGER.module_denylist = _ThirdPartyModules()
+
+
+def _parse_if(self, node):  # type: ignore[no-untyped-def]
+    """A package root's ``if TYPE_CHECKING:`` imports are its public names, imported on first use at
+    run time (PEP 562, ``tdsteer`` and ``tdsteer.cli``): document them as the top-level imports they
+    stand for. Any other ``if`` is read as autoapi reads it."""
+    if node.root().package and "TYPE_CHECKING" in node.test.as_string():
+        top_name = node.root().name.split(".", 1)[0]
+        local = [child for child in node.body if _astroid_utils.is_local_import_from(child, top_name)]
+        return [data for child in local for data in self._parse_local_import_from(child)]
+    for child in node.get_children():
+        data = self.parse(child)
+        if data:
+            return data
+    return []
+
+
+_AutoapiParser.parse_if = _parse_if
 
 # Re-exported names (tdsteer.Site and tdsteer.sites.Site) make short annotations such as ``Layout``
 # ambiguous between packages; the reference links to one of them, which is fine.

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 import tdsteer
-from tdsteer.cli import command, main, program
+import tdsteer.cli
+from tdsteer._lazy import type_checking_imports
+from tdsteer.cli import CLIError, command, main, program
 from tdsteer.cli.info import COMMAND as INFO
 from tdsteer_eval.cli import main as eval_main
 
@@ -43,6 +46,69 @@ def test_each_distribution_registers_its_own_commands() -> None:
     assert registered == command.PROVIDED_BY
     sources = {entry.name for entry in metadata.entry_points(group="tdsteer.model_sources")}
     assert sources == {"hf", "timm"}
+
+
+def test_the_listing_matches_each_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The help lines listed without importing a command are the commands' own; an unlisted one loads."""
+    commands = program.installed_commands()
+    assert all(c.entry_point is not None for c in commands.values())
+    for name, listed in commands.items():
+        full = listed.resolve()
+        assert full.entry_point is None and full.name == name, name
+        assert full.help == command.SUMMARIES[name], f"update command.SUMMARIES[{name!r}] to the command's help"
+        assert full.distribution == listed.distribution
+    # A command of another distribution (not in SUMMARIES) is loaded for its help line.
+    monkeypatch.setattr(program, "SUMMARIES", {"info": command.SUMMARIES["info"]})
+    loaded = program.installed_commands()
+    assert loaded["extract"].entry_point is None and loaded["extract"].help == command.SUMMARIES["extract"]
+    status, out, _ = _run(capsys, "--help")
+    assert status == 0 and "[tdsteer-hf]" in out
+
+
+def test_a_broken_command_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    broken = command.Command.listed("extract", "broken", "tdsteer_nowhere.cli:COMMAND", "tdsteer-hf")
+    with pytest.raises(SystemExit):
+        program.dispatch(["--help"], {"extract": broken})
+    assert "broken" in capsys.readouterr().out
+    with pytest.raises(CLIError, match=r"cannot load the 'extract' command \(tdsteer_nowhere.cli:COMMAND\)"):
+        program.dispatch(["extract", "--help"], {"extract": broken})
+
+
+def _modules_after(*argv: str) -> set[str]:
+    """The heavy modules imported by a fresh interpreter that runs ``tdsteer ARGV`` in-process."""
+    code = (
+        "import sys\n"
+        "from tdsteer.cli import main\n"
+        f"status = main({list(argv)!r})\n"
+        "heavy = ('torch', 'tensordict', 'transformers', 'lm_eval', 'timm')\n"
+        "print('imported:', *(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+        "sys.exit(status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return set(done.stderr.splitlines()[-1].split()[1:])
+
+
+def test_help_and_version_import_no_command() -> None:
+    assert _modules_after("--help") == set()
+    assert _modules_after("--version") == set()
+
+
+def test_a_commands_help_imports_only_that_command() -> None:
+    assert not {"transformers", "lm_eval", "timm"} & _modules_after("info", "--help")
+    assert not {"lm_eval", "timm"} & _modules_after("extract", "--help")
+
+
+@pytest.mark.parametrize("package", [tdsteer, tdsteer.cli], ids=["tdsteer", "tdsteer.cli"])
+def test_lazy_roots_export_what_they_type(package: ModuleType) -> None:
+    """Each public name resolves on first use, from the imports the package shows to type checkers."""
+    typed = set(type_checking_imports(package.__name__, str(package.__file__)))
+    assert typed == set(package.__all__) - {"__version__"}
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError):
+        package.no_such_name  # noqa: B018
 
 
 def test_core_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from tdsteer.cli import main as tdsteer_main
-from tdsteer_eval.cli.lm_eval_command import LM_EVAL_COMMANDS
+
+#: lm-eval's own commands, which ``tdsteer-eval`` hands to ``tdsteer eval`` (named here, so that the
+#: alias imports lm-eval's command line only when one of them runs).
+LM_EVAL_COMMANDS = ("run", "ls", "validate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,8 +12,6 @@ import tdsteer_eval  # noqa: F401  (registers the 'tdsteer' model with lm-eval)
 from tdsteer.cli import Command
 from tdsteer_eval.task_data import SHIPPED_TASKS, include_paths
 
-LM_EVAL_COMMANDS = ("run", "ls", "validate")
-
 MODEL_HELP = f"""
 tdsteer model: --model tdsteer --model_args pretrained=NAME,vector=FILE[,...]
   pretrained=NAME      model id or local directory; HFLM's arguments pass through (dtype=, revision=,

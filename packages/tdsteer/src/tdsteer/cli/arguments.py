@@ -1,47 +1,21 @@
-"""Argument types and console output shared by every ``tdsteer`` subcommand, whichever package adds it."""
+"""Argument types shared by every ``tdsteer`` subcommand, whichever package adds it."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from tdsteer.checks import CHECKS
+from tdsteer.cli.messages import CLIError
 from tdsteer.indices import IndexItem, parse_indices
 from tdsteer.positions import PositionsLike, as_policy
 from tdsteer.vector import SteeringVector
-
-PROG = "tdsteer"
-
-_SIGNED_VALUE = re.compile(r"^-[\d.:]")
-_NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
-
-
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit status 2 (``--debug`` shows the traceback)."""
-
-
-def one_line(text: object) -> str:
-    """``text`` on one line (runs of white space, newlines included, become one space)."""
-    return " ".join(str(text).split())
-
-
-def quote(text: str) -> str:
-    """``text`` as a JSON string literal, so that spaces and newlines show."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def warn(message: str, file: TextIO | None = None) -> None:
-    """Print a one-line warning on stderr as ``tdsteer: warning: ...``."""
-    print(f"{PROG}: warning: {one_line(message)}", file=file or sys.stderr)
 
 
 def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
@@ -175,32 +149,6 @@ def positive_int(option: str, value: int) -> int:
     if value < 1:
         raise CLIError(f"{option} must be at least 1, got {value}")
     return value
-
-
-def join_signed_values(argv: list[str], options: Sequence[str]) -> list[str]:
-    """``--scale -4,0,4`` -> ``--scale=-4,0,4`` for ``options``: argparse would take ``-4,0,4`` for an option.
-
-    Examples:
-        >>> join_signed_values(["--scale", "-4,0,4", "--prompt", "hi"], ["--scale"])
-        ['--scale=-4,0,4', '--prompt', 'hi']
-    """
-    out: list[str] = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        following = argv[index + 1] if index + 1 < len(argv) else None
-        if (
-            token in options
-            and following is not None
-            and _SIGNED_VALUE.match(following)
-            and not _NUMBER.match(following)  # argparse reads a lone negative number as a value itself
-        ):
-            out.append(f"{token}={following}")
-            index += 2
-            continue
-        out.append(token)
-        index += 1
-    return out
 
 
 def save_extracted(vector: SteeringVector, output: str, *, read: object, data: str, **metadata: Any) -> Path:

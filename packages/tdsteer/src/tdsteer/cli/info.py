@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tdsteer.cli.arguments import CLIError, one_line
 from tdsteer.cli.command import Command
+from tdsteer.cli.messages import CLIError, one_line
 from tdsteer.cli.sources import OpenedModel, open_model
 from tdsteer.model_facts import model_type_of
 from tdsteer.vector import SteeringVector

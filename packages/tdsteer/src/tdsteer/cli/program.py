@@ -11,13 +11,11 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
-from tdsteer.cli.arguments import PROG, CLIError, join_signed_values, one_line, warn
-from tdsteer.cli.command import GROUP, PROVIDED_BY, Command, versions
-from tdsteer.cli.info import COMMAND as INFO
+from tdsteer.cli.command import GROUP, PROVIDED_BY, SUMMARIES, Command, join_signed_values, versions
+from tdsteer.cli.messages import PROG, CLIError, one_line, warn
 from tdsteer.errors import SteeringVectorFileError, UnknownArchitectureError
 
 #: Exceptions that are the user's doing: one line, exit status 2.
@@ -31,29 +29,42 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 USAGE_ERROR = 2
 
+#: The core's own command, listed like the others: ``tdsteer --help`` does not import torch.
+INFO = Command.listed("info", SUMMARIES["info"], "tdsteer.cli.info:COMMAND")
+
 
 def installed_commands() -> dict[str, Command]:
     """The core's commands and those of every installed distribution, by name.
 
-    A command whose entry point cannot be loaded (a broken install) is left out with a warning.
+    The commands of the tdsteer distributions are listed without importing them (:data:`SUMMARIES`);
+    another distribution's entry point is loaded now for its help line, and left out with a warning
+    when it cannot be (a broken install).
     """
     commands = {INFO.name: INFO}
     for entry in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
-        try:
-            loaded = entry.load()
-        except Exception as error:  # noqa: BLE001 - one broken distribution must not break the others
-            warn(f"cannot load the {entry.name!r} command ({entry.value}): {error}")
-            continue
-        if not isinstance(loaded, Command):
-            warn(f"entry point {entry.name!r} ({entry.value}) is not a tdsteer.cli.Command; skipped")
-            continue
-        distribution = entry.dist.name if entry.dist is not None else loaded.distribution
-        commands.setdefault(loaded.name, replace(loaded, distribution=distribution))
+        distribution = entry.dist.name if entry.dist is not None else PROVIDED_BY.get(entry.name, "tdsteer")
+        command = Command.listed(entry.name, SUMMARIES.get(entry.name, ""), entry.value, distribution)
+        if entry.name not in SUMMARIES:
+            try:
+                command = command.resolve()
+            except CLIError as error:
+                warn(str(error) + "; skipped")
+                continue
+        commands.setdefault(command.name, command)
     return commands
 
 
-def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-    """The argument parser of ``tdsteer`` over ``commands``."""
+def build_parser(commands: dict[str, Command], chosen: Command | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``tdsteer`` over ``commands``.
+
+    Args:
+        commands: The installed commands, by name; each is listed with its help line.
+        chosen: The command to run, resolved (:meth:`Command.resolve`): only its options are added,
+            so that parsing imports no other command's module.
+
+    Returns:
+        The parser.
+    """
     missing = sorted({dist for name, dist in PROVIDED_BY.items() if name not in commands})
     epilog = "Run 'tdsteer COMMAND --help' for the options of a command."
     if missing:
@@ -68,7 +79,7 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in sorted(commands, key=lambda n: (n != "info", n)):
-        command = commands[name]
+        command = chosen if chosen is not None and chosen.name == name else commands[name]
         origin = "" if command.distribution == "tdsteer" else f" [{command.distribution}]"
         sub = subparsers.add_parser(
             name,
@@ -77,7 +88,7 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
             allow_abbrev=False,
             add_help=command.run_argv is None,
         )
-        if command.run_argv is None:
+        if command is chosen and command.run_argv is None:
             command.add_arguments(sub)
     return parser
 
@@ -103,19 +114,22 @@ def _not_installed(name: str) -> CLIError:
 
 
 def dispatch(argv: Sequence[str], commands: dict[str, Command] | None = None) -> int:
-    """Parse ``argv`` and run its command (errors propagate; :func:`main` turns them into exit codes)."""
+    """Parse ``argv`` and run its command (errors propagate; :func:`main` turns them into exit codes).
+
+    Only the chosen command's module is imported; ``tdsteer --help`` and ``--version`` import none.
+    """
     commands = installed_commands() if commands is None else commands
     arguments = [a for a in argv if a not in ("--debug", "--traceback")]
     name = next((a for a in arguments if not a.startswith("-")), None)
     if name is not None and name not in commands and name in PROVIDED_BY:
         raise _not_installed(name)
-    command = commands.get(name) if name is not None else None
+    command = commands[name].resolve() if name is not None and name in commands else None
     if name is not None and command is not None and command.run_argv is not None:
         return command.run_argv(arguments[arguments.index(name) + 1 :])
     if command is not None and command.signed_options:
         arguments = join_signed_values(arguments, command.signed_options)
-    args = build_parser(commands).parse_args(arguments)
-    return commands[args.command].run(args)
+    args = build_parser(commands, command).parse_args(arguments)
+    return (command or commands[args.command].resolve()).run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from tdsteer.adapter import ModelDescription
-from tdsteer.cli.arguments import CLIError, warn
+from tdsteer.cli.messages import CLIError, warn
 
 GROUP = "tdsteer.model_sources"
 
