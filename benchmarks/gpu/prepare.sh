@@ -34,5 +34,6 @@ python -m pip download --quiet --no-deps --only-binary=:all: --dest "$wheels" \
     --python-version "$target_python" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     $pins
+rm -rf packages/*/build  # what setuptools leaves beside the sources
 ls -1 "$wheels"
 du -sh "$wheels"

@@ -51,6 +51,7 @@ def test_each_bad_input_is_one_line_before_the_model_loads(
     other_path = str(other.save(tmp_path / "other.safetensors"))
     _one_line_error(capsys, _sweep(tiny_dir, *out, vector=other_path), "hidden size 64, but")
     _one_line_error(capsys, _sweep(tiny_dir, "--positions", "middle", *out), "Unknown position policy 'middle'")
+    _one_line_error(capsys, _sweep(tiny_dir, "--positions", "patches", *out), "policy of image models")
     _one_line_error(capsys, _sweep(tiny_dir, "--operator", "shove", *out), "Unknown operator 'shove'")
     _one_line_error(capsys, _sweep(tiny_dir, "--sites", "transformer.h.9", *out), "--sites transformer.h.9: not in")
     a_file = tmp_path / "results.txt"

@@ -87,3 +87,9 @@ def test_meta_device_and_empty_prompt(files: dict[str, Path], capsys: pytest.Cap
     _one_line_error(capsys, [*base, "--device", "meta", "--prompt", "I love"], "--device meta holds no data")
     _one_line_error(capsys, [*_extract(files)[:-2], "--device", "meta"], "--device meta")
     _one_line_error(capsys, [*base, "--device", "cpu", "--prompt", " "], "--prompt is empty")
+
+
+def test_image_positions_for_a_language_model(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", str(files["model"]), "--vector", str(files["vector"]), "--prompt", "I love"]
+    for policy in ("patches", "prefix"):
+        _one_line_error(capsys, [*base, "--positions", policy], "policy of image models", "generated")

@@ -19,6 +19,7 @@ import torch
 import tdsteer
 import tdsteer_hf
 from tdsteer.cli import Command, one_line, output_file, parse_layers, parse_scales, positive_int, quote
+from tdsteer.cli.command import SUMMARIES
 from tdsteer_eval.lm import SteeredLM
 from tdsteer_eval.runner import EvalOptions, run_sweep, task_manager
 from tdsteer_hf.cli.generate import generate_texts
@@ -152,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo",
-    help="the whole job offline: pairs -> vector -> steered text -> behaviour and perplexity report",
+    help=SUMMARIES["demo"],
     description=(
         "On the demo model tdsteer-hf ships (a small GPT-2 trained on a synthetic review language; nothing is "
         "downloaded), or on --model: extract a steering vector from contrastive pairs, print greedy continuations "

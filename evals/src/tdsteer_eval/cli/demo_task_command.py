@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tdsteer.cli import Command
+from tdsteer.cli.command import SUMMARIES
 from tdsteer_eval.tasks import write_demo_task
 
 
@@ -20,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo-task",
-    help="write the small offline demo task (tdsteer_demo_mc) to a folder",
+    help=SUMMARIES["demo-task"],
     add_arguments=_add_arguments,
     run=_run,
 )

@@ -10,6 +10,7 @@ from lm_eval.utils import setup_logging
 
 import tdsteer_eval  # noqa: F401  (registers the 'tdsteer' model with lm-eval)
 from tdsteer.cli import Command
+from tdsteer.cli.command import SUMMARIES
 from tdsteer_eval.task_data import SHIPPED_TASKS, include_paths
 
 MODEL_HELP = f"""
@@ -73,7 +74,7 @@ def _unused(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="eval",
-    help="lm-eval's command line (run, ls, validate) with the 'tdsteer' model and tdsteer's tasks",
+    help=SUMMARIES["eval"],
     description=(
         "lm-evaluation-harness's own command line with --model tdsteer available and the tasks shipped with "
         "tdsteer-eval included, e.g. tdsteer eval run --model tdsteer --model_args "

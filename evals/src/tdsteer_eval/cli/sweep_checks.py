@@ -81,7 +81,7 @@ def parse_mapping(value: str | None, option: str) -> dict[str, Any]:
 
 def check_positions(value: str) -> PositionsLike:
     """``--positions``: a core policy or ``assistant``."""
-    return "assistant" if value.strip() == "assistant" else parse_positions(value)
+    return "assistant" if value.strip() == "assistant" else parse_positions(value, extra=("assistant",))
 
 
 def _model_config(args: argparse.Namespace) -> Any:

@@ -10,6 +10,7 @@ import torch
 
 from tdsteer.checks import CHECKS
 from tdsteer.cli import Command, parse_device
+from tdsteer.cli.command import SUMMARIES
 from tdsteer_eval.cli.sweep_checks import SweepPlan, check_sweep
 from tdsteer_eval.layers import layer_sweep
 from tdsteer_eval.lm import POSITIONS, SteeredLM
@@ -144,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="sweep",
-    help="evaluate lm-eval tasks at several scales (or layers) into a results folder with plots and a report",
+    help=SUMMARIES["sweep"],
     description=(
         "Evaluate lm-eval tasks on a model steered by a vector at each scale, or fit a vector per layer from "
         "--pairs (one pass over the data) and sweep each. Writes results.json (provenance, per-item propensities, "

@@ -10,6 +10,7 @@ import tdsteer
 from tdsteer import distributed as parallel
 from tdsteer.aggregators import METHODS
 from tdsteer.cli import CLIError, Command, output_file, parse_device, parse_layers, positive_int, save_extracted
+from tdsteer.cli.command import SUMMARIES
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.data import contrastive_batches
@@ -133,7 +134,7 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
 
 COMMAND = Command(
     name="extract",
-    help="compute a steering vector of a text model from contrastive pairs and save it",
+    help=SUMMARIES["extract"],
     description=(
         "Compute a steering vector from contrastive pairs. --pairs takes a CAA JSON/JSONL file (records with "
         "question, answer_matching_behavior, answer_not_matching_behavior), a JSON/JSONL file of "

@@ -23,6 +23,7 @@ from tdsteer.cli import (
     quote,
     warn,
 )
+from tdsteer.cli.command import SUMMARIES
 from tdsteer.operators import OPERATORS
 from tdsteer.vector import is_lm_eval_file
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
@@ -212,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="generate",
-    help="generate text with a steering vector applied",
+    help=SUMMARIES["generate"],
     description=(
         "Generate text with a saved steering vector applied. Several scales (--scale -4,0,4) run in one batch, "
         "one row per prompt and scale."

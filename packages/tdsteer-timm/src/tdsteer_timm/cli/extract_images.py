@@ -10,6 +10,7 @@ from timm.data import create_transform, resolve_data_config
 
 import tdsteer
 from tdsteer.cli import CLIError, Command, parse_device, parse_layers, positive_int, save_extracted
+from tdsteer.cli.command import SUMMARIES
 from tdsteer.indices import take_indices
 from tdsteer_timm.arch import DEFAULT_KIND, SITE_KINDS
 from tdsteer_timm.cli.images import folder_batches, image_files
@@ -162,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="extract-images",
-    help="extract a steering vector from two folders of images with a timm model",
+    help=SUMMARIES["extract-images"],
     description=(
         "Extract a steering vector from a folder of images that show a concept (--positive) and one of images that "
         "do not (--negative), read at the chosen blocks or stages of a timm model. The model is built offline "

@@ -14,7 +14,7 @@ import torch
 from tdsteer.checks import CHECKS
 from tdsteer.cli.messages import CLIError
 from tdsteer.indices import IndexItem, parse_indices
-from tdsteer.positions import PositionsLike, as_policy
+from tdsteer.positions import PositionsLike, as_token_policy
 from tdsteer.vector import SteeringVector
 
 
@@ -46,11 +46,18 @@ def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
     return scales
 
 
-def parse_positions(value: str, option: str = "--positions") -> PositionsLike:
-    """A position policy: ``all``, ``prompt``, ``generated``, ``continuation``, ``K`` or ``from:K`` (:func:`tdsteer.steer`).
+def parse_positions(value: str, option: str = "--positions", extra: Sequence[str] = ()) -> PositionsLike:
+    """The position policy of a language model: ``all``, ``prompt``, ``generated``, ``continuation``,
+    ``K`` or ``from:K`` (:func:`tdsteer.steer`); the image policies are refused.
+
+    Args:
+        value: The option's value.
+        option: The option's name, for the message.
+        extra: Further policy names that the command accepts (and handles before this call), for the
+            message.
 
     Raises:
-        CLIError: Not a policy.
+        CLIError: Not a policy of a language model.
 
     Examples:
         >>> parse_positions("3"), parse_positions("generated")
@@ -58,7 +65,7 @@ def parse_positions(value: str, option: str = "--positions") -> PositionsLike:
     """
     policy: PositionsLike = int(value) if value.strip().isdigit() else value.strip()
     try:
-        as_policy(policy)
+        as_token_policy(policy, extra)
     except (TypeError, ValueError) as error:
         raise CLIError(f"{option} {value!r}: {error}") from None
     return policy

@@ -34,7 +34,7 @@ PROVIDED_BY: dict[str, str] = {
 }
 
 #: The ``help`` line of each command of the tdsteer distributions, for ``tdsteer --help`` without
-#: importing them; each command's own record holds the same line (a test keeps the two equal).
+#: importing them; each command's own record takes its line from here.
 SUMMARIES: dict[str, str] = {
     "info": "describe a vector file, a model (with an adapter installed), and whether they fit",
     "extract": "compute a steering vector of a text model from contrastive pairs and save it",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tdsteer.cli.command import Command
+from tdsteer.cli.command import SUMMARIES, Command
 from tdsteer.cli.messages import CLIError, one_line
 from tdsteer.cli.sources import OpenedModel, open_model
 from tdsteer.model_facts import model_type_of
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="info",
-    help="describe a vector file, a model (with an adapter installed), and whether they fit",
+    help=SUMMARIES["info"],
     description=(
         "Describe what a vector file holds (sites, shapes, norms, metadata), how an installed adapter sees a "
         "model (kinds of site, layers, hidden size), and whether the vector fits the model. --vector needs no "
