@@ -109,3 +109,19 @@ def test_extraction_on_cuda_matches_cpu(device):
     cpu = tdsteer.extract(model, batches, ["blocks.1"], read="mean", progress=False)
     gpu = tdsteer.extract(model.to(device), batches, ["blocks.1"], read="mean", progress=False)
     torch.testing.assert_close(gpu["blocks.1"], cpu["blocks.1"], atol=1e-5, rtol=1e-5)
+
+
+def test_conditional_hooks_never_synchronise(device):
+    model = ToyLM().to(device).eval()
+    ids = torch.randint(0, 32, (4, 6), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    condition = tdsteer.Condition({"blocks.0": torch.randn(8)}, 0.0)
+    with steer(model, {"blocks.2": torch.randn(8)}, scale=2.0, condition=condition) as steered:
+        steered(ids, attention_mask=mask)  # first call casts and caches the vectors
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            steered(ids, attention_mask=mask)  # a new sequence: the condition reads the prompt again
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

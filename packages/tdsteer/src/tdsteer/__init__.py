@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         register_method,
     )
     from tdsteer.cache import ActivationCache, ActivationCacheError
+    from tdsteer.conditions import Condition
     from tdsteer.errors import SteeringVectorFileError, UnknownArchitectureError
     from tdsteer.extraction import Extraction, SiteRecorder, extract
     from tdsteer.handle import SteeringHandle, steer
@@ -52,6 +53,7 @@ __all__ = [
     "ActivationCache",
     "ActivationCacheError",
     "ActivationAddition",
+    "Condition",
     "Aggregator",
     "BatchKeys",
     "Extraction",

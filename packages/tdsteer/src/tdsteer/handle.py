@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from tdsteer import interrupts
 from tdsteer.checks import Check
+from tdsteer.conditions import Condition
 from tdsteer.hooking import Installation
 from tdsteer.operators import Operator, Scale
 from tdsteer.policies import PositionPolicy, PositionsLike
@@ -48,6 +49,19 @@ class SteeringHandle:
     def starts(self) -> Tensor | None:
         """The per-row starts of the next calls (``positions="continuation"``), or ``None``."""
         return self.factory.tracker.starts
+
+    @property
+    def condition_met(self) -> Tensor | None:
+        """With a condition: ``[B]`` bool, which rows of the latest sequence it steers (``None``
+        before one was read); :attr:`condition_scores` holds their cosine similarities."""
+        gate = self.factory.gate
+        return None if gate is None else gate.met
+
+    @property
+    def condition_scores(self) -> Tensor | None:
+        """With a condition: ``[B]`` the latest sequence's scores (see :attr:`condition_met`)."""
+        gate = self.factory.gate
+        return None if gate is None else gate.scores
 
     @property
     def is_open(self) -> bool:
@@ -146,6 +160,7 @@ def steer(
     sites: Sequence[SiteLike] | None = None,
     check: Check = "warn",
     track_positions: bool | None = None,
+    condition: Condition | None = None,
 ) -> SteeringHandle:
     """Steer ``model`` with ``vector`` while the ``with`` block runs.
 
@@ -175,6 +190,9 @@ def steer(
             type (``"warn"``, ``"error"`` or ``"ignore"``); see :meth:`SteeringVector.validate`.
         track_positions: Track positions even when ``positions`` does not need it, so that
             ``handle.set(positions=...)`` may leave ``"all"`` while open (``None``: when needed).
+        condition: Steer only the rows whose prompt meets this :class:`~tdsteer.Condition`
+            (conditional activation steering, CAST): decided per row on the first call of each
+            sequence, kept while it continues (:mod:`tdsteer.conditions`).
 
     Returns:
         A :class:`SteeringHandle`; ``with`` it yields the model itself, steered until the block ends.
@@ -222,6 +240,12 @@ def steer(
     else:
         raise TypeError(f"vector must be a SteeringVector or a mapping of site -> tensor, got {type(vector).__name__}")
     factory = SteeringVectors(
-        site_list, vectors=tensors, scale=scale, operator=operator, positions=positions, track_positions=track_positions
+        site_list,
+        vectors=tensors,
+        scale=scale,
+        operator=operator,
+        positions=positions,
+        track_positions=track_positions,
+        condition=condition,
     )
     return SteeringHandle(model, factory)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from tdsteer.conditions import ConditionGate
 from tdsteer.operators import Add, Operator, Scale
 from tdsteer.positions import PositionPolicy, PositionTracker, Selection, Span, site_mask
 from tdsteer.sites import Site
@@ -34,6 +35,7 @@ class Owner(Protocol):
     tracker: PositionTracker
     version: int  # bumped when the scale or a vector changes
     traced: bool  # set when a compiled graph ran a hook
+    gate: ConditionGate | None  # the rows a condition lets through
 
     def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor: ...
 
@@ -126,6 +128,10 @@ class SiteSteerer:
                 mask = selected
             elif selected is Span.NONE:
                 return None
+        if owner.gate is not None:
+            mask = owner.gate.apply(mask, x, self.site.key)
+            if mask is None:
+                return None
         vector, scale, delta = self._prepared(x)
         if delta is not None:
             out = x + delta if mask is None else torch.addcmul(x, mask, delta)
@@ -198,6 +204,10 @@ class SiteSteerer:
         """What a compiled graph runs: the eager result, from tensors only, with no Python-side cache."""
         owner = self.owner
         owner.traced = True
+        if owner.gate is not None:
+            raise RuntimeError(
+                "Conditional steering runs eagerly: steer the model itself, not a torch.compile'd one, with a condition"
+            )
         policy = owner.policy
         selects = policy.kind != "all"  # not is_all, which reads from:k's start: the graph would guard on it
         # the scale tensor's shape, not the float: reading a Python float would make the graph guard on its value

@@ -23,6 +23,7 @@ from tdhook.paths import resolve_submodule_path
 from torch import Tensor, nn
 
 from tdsteer import interrupts
+from tdsteer.conditions import Condition, ConditionGate
 from tdsteer.hooking import Installation, install, module_device, resolve
 from tdsteer.operators import Custom, Operator, Scale, as_operator
 from tdsteer.policies import PositionPolicy, PositionsLike, as_policy
@@ -53,6 +54,7 @@ class SteeringVectors(HookingContextFactory):
         track_positions: Track positions (a root hook, a ``generate`` wrapper) even when
             ``positions`` does not need it, so that :meth:`set_positions` may switch to a policy
             that does while open. ``None``: only when needed.
+        condition: Steer only the rows whose prompt meets it (:mod:`tdsteer.conditions`).
 
     Raises:
         ValueError: A bad scale, vector, operator or policy, a policy that does not fit a site.
@@ -79,6 +81,7 @@ class SteeringVectors(HookingContextFactory):
         operator: str | Operator | Callable[..., Tensor] = "add",
         positions: PositionsLike | PositionPolicy = "all",
         track_positions: bool | None = None,
+        condition: Condition | None = None,
     ) -> None:
         super().__init__()
         self.sites = as_sites(modules_to_steer)
@@ -96,6 +99,7 @@ class SteeringVectors(HookingContextFactory):
             self._operators = dict.fromkeys(self._keys(), op)
         self._check_policy(self.policy)
         self.tracker = PositionTracker()
+        self.gate = None if condition is None else ConditionGate(condition, self.tracker)
         self.version = 0  # bumped by set_scale and set_vectors: the hooks recast scale * v
         self.traced = False  # set by a hook traced by torch.compile
         self._track = track_positions
@@ -126,7 +130,7 @@ class SteeringVectors(HookingContextFactory):
             )
 
     def _needs_positions(self) -> bool:
-        if self._track:
+        if self._track or self.gate is not None:
             return True
         return self.policy.tracked or any(v is not None and v.ndim == 2 for v in self._vectors.values())
 
@@ -290,18 +294,23 @@ class SteeringVectors(HookingContextFactory):
                 self._steerers[key] = steerer
                 self._hooks.append(_input_hook(site, steerer) if site.io == "input" else _output_hook(site, steerer))
             self._root_hooks = (_observe_hook(self.tracker), _end_hook(self.tracker))
+        add_begin = None if self.gate is None else self.gate.install(installation, root)  # reads before steering
         for site, steerer, hook, module in zip(self.sites, self._steerers.values(), self._hooks, modules, strict=True):
             steerer.calls = 0
             installation.add_hook(module, hook, path=site.path, pre=site.io == "input")
         if needs_positions:
             observe, end = self._root_hooks
             installation.add_hook(root, observe, path="", pre=True, first=False)
+            if add_begin is not None:
+                add_begin()
             installation.add_hook(root, end, path="", first=False)
             installation.add_generate(self.tracker)
 
     def _report_idle(self) -> None:
         """On exit: warn about sites that never ran while others did (their module is never called)."""
         self.tracker.set_starts(None)
+        if self.gate is not None:
+            self.gate.report()
         steerers = self._steerers
         if self.traced or sys.exc_info()[0] is not None:
             return  # compiled graphs run hooks without counting calls; an exception may have cut a call short

@@ -1,0 +1,367 @@
+"""Conditional steering (CAST, Lee et al. 2024): steer only the rows whose prompt matches a condition.
+
+A :class:`Condition` holds one site, a direction there and a threshold. While a steering context
+with a condition is open, the first call of each sequence (the prompt pass of ``generate``, or a plain
+call that starts at position 0) reads the condition site for every row (the mean over its real
+tokens, or its last real token), scores the reading by its cosine similarity with the direction, and
+decides that row's gate: steered when the score is above the threshold (below, with
+``above=False``). The calls that continue a sequence (decoding steps, with or without a KV cache)
+keep the gate. Each row has its own gate, so one batch mixes steered and unsteered rows, and nothing
+is read back to the host: the gate is a tensor that multiplies every site's steering.
+
+In the call that reads the prompt, sites that run before the condition site are not steered (the
+gate is not decided yet); steer sites after it, or use ``positions="generated"``, which leaves the
+prompt alone, for the same result with and without a KV cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tdsteer.aggregators import Aggregator
+from tdsteer.extraction import extract
+from tdsteer.hooking import Installation, resolve
+from tdsteer.keys import BatchKeys
+from tdsteer.positions import PositionTracker
+from tdsteer.reading import READERS, ReadContext, Reading, TokenReading, check_read
+from tdsteer.sites import SiteLike, as_site
+from tdsteer.vector import SteeringVector
+
+
+class Condition:
+    """When to steer: rows whose prompt reading at ``site`` has a cosine similarity with a direction
+    above (or below) a threshold.
+
+    Args:
+        vector: The condition direction: a :class:`~tdsteer.SteeringVector` or ``{site: tensor}``
+            with exactly one site (``vector.select([site])`` picks one), a ``[C]`` direction there.
+        threshold: The cosine similarity (``-1`` to ``1``) that separates the rows.
+        above: Steer the rows scoring above ``threshold`` (``False``: below it).
+        read: How a prompt is read at the site: ``"mean"`` (over the real tokens), ``"last"`` (the
+            last real token) or another one-row-per-example reader (:mod:`tdsteer.reading`).
+
+    Raises:
+        ValueError: Not exactly one site, a direction that is not ``[C]``, zero or not finite, a
+            threshold that is not finite, or a read that gives no single row per example.
+
+    Examples:
+        >>> import torch
+        >>> condition = Condition({"0": torch.tensor([1.0, 0.0])}, threshold=0.5)
+        >>> condition.score(torch.tensor([[[3.0, 1.0]], [[0.0, 2.0]]]), None)
+        tensor([0.9487, 0.0000])
+        >>> condition.met(condition.score(torch.tensor([[[3.0, 1.0]], [[0.0, 2.0]]]), None)).tolist()
+        [True, False]
+    """
+
+    def __init__(
+        self,
+        vector: SteeringVector | Mapping[Any, Tensor],
+        threshold: float,
+        *,
+        above: bool = True,
+        read: str = "mean",
+    ) -> None:
+        if isinstance(vector, SteeringVector):
+            items = [(vector.sites[key], tensor) for key, tensor in vector.directions.items()]
+        elif isinstance(vector, Mapping):
+            items = [(as_site(key), tensor) for key, tensor in vector.items()]
+        else:
+            raise TypeError(f"vector must be a SteeringVector or {{site: tensor}}, got {type(vector).__name__}")
+        if len(items) != 1:
+            keys = [site.key for site, _ in items]
+            raise ValueError(
+                f"A Condition reads one site, got {len(items)} ({keys}); pick one with vector.select([site])"
+            )
+        site, direction = items[0]
+        if not isinstance(direction, Tensor) or direction.ndim != 1:
+            raise ValueError(f"The condition direction at {site.key!r} must be a [C] tensor, got {direction!r:.60}")
+        if not bool(torch.isfinite(direction).all()) or not bool(direction.abs().sum() > 0):
+            raise ValueError(f"The condition direction at {site.key!r} is zero or not finite")
+        threshold = float(threshold)
+        if not torch.isfinite(torch.tensor(threshold)):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        if read not in READERS or read in ("all", "index", "answer"):
+            one_row = sorted(set(READERS) - {"all", "index", "answer"})
+            raise ValueError(f"read={read!r} for a Condition: use one of {', '.join(one_row)}")
+        check_read(read, [site])
+        self.site = site
+        self.direction = direction.detach()
+        self.threshold = threshold
+        self.above = above
+        self.read = read
+        #: Balanced accuracy on the data :meth:`fit` chose the threshold on (``None`` otherwise).
+        self.accuracy: float | None = None
+        self._unit: dict[torch.device, Tensor] = {}
+
+    def __repr__(self) -> str:
+        side = ">" if self.above else "<"
+        return f"Condition({self.site.key!r}, cosine {side} {self.threshold:.4g}, read={self.read!r})"
+
+    def score(self, h: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Each row's cosine similarity ``[B]`` (float32) with the direction.
+
+        Args:
+            h: The site's activation, channel-last (``[B, L, C]`` for tokens).
+            attention_mask: ``[B, L]`` real tokens, or ``None`` (all real).
+        """
+        reading = READERS[self.read](h, ReadContext(self.site, attention_mask))
+        if isinstance(reading, TokenReading):  # a registered reader that keeps every token
+            raise ValueError(f"read={self.read!r} gives every token; a Condition needs one row per example")
+        return cosine(reading, self._unit_on(reading.device))
+
+    def met(self, scores: Tensor) -> Tensor:
+        """Which rows the scores select: ``[B]`` bool."""
+        return scores > self.threshold if self.above else scores < self.threshold
+
+    def _unit_on(self, device: torch.device) -> Tensor:
+        unit = self._unit.get(device)
+        if unit is None:
+            direction = self.direction.to(device, torch.float32)
+            unit = self._unit[device] = direction / direction.norm()
+        return unit
+
+    @classmethod
+    def fit(
+        cls,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, Any]],
+        site: SiteLike,
+        *,
+        read: str = "mean",
+        keys: BatchKeys | None = None,
+        progress: bool = True,
+        device: torch.device | str | None = None,
+    ) -> Condition:
+        """Learn a condition from prompts that should trigger it and prompts that should not.
+
+        The direction is the mean difference of the two sets' readings at ``site`` (as
+        ``tdsteer.extract(method="mean_diff")``), and the threshold the cosine similarity that best
+        separates them (the highest balanced accuracy, kept in :attr:`accuracy`). One pass over the
+        data; the readings are kept (one row per prompt).
+
+        Args:
+            model: The model.
+            batches: ``{"positive": inputs, "negative": inputs}`` batches as for
+                :func:`tdsteer.extract`: positive prompts match the condition, negative ones do not.
+            site: The condition site.
+            read: How each prompt is read (see :class:`Condition`).
+            keys: Names of the batch entries.
+            progress: Show a tqdm bar.
+            device: Where to move batch tensors (default: the model's device).
+
+        Returns:
+            The fitted :class:`Condition` (steering rows scoring above the threshold).
+
+        Raises:
+            ValueError: No data, or data that the direction does not separate at all.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Identity())
+            >>> batches = [{"positive": torch.tensor([[[2.0, 0.1]], [[1.5, -0.2]]]),
+            ...             "negative": torch.tensor([[[-1.0, 0.3]], [[-2.0, 0.0]]])}]
+            >>> condition = Condition.fit(model, batches, "0", read="last", progress=False)
+            >>> condition.accuracy
+            1.0
+        """
+        rows = _KeepRows()
+        vector = extract(
+            model,
+            batches,
+            [site],
+            method=lambda: rows,
+            read=read,
+            keys=keys,
+            progress=progress,
+            device=device,
+            distributed=False,
+        )
+        condition = cls(vector, 0.0, read=read)
+        unit = condition._unit_on(torch.device("cpu"))
+        positive, negative = (cosine(torch.cat(part).float().cpu(), unit) for part in (rows.positive, rows.negative))
+        condition.threshold, condition.accuracy = best_threshold(positive, negative)
+        return condition
+
+
+def cosine(rows: Tensor, unit: Tensor) -> Tensor:
+    """Cosine similarity ``[B]`` (float32) of each row of ``rows`` ``[B, C]`` with a unit vector."""
+    rows = rows.float()
+    return (rows @ unit) / rows.norm(dim=-1).clamp_min(1e-12)
+
+
+def best_threshold(positive: Tensor, negative: Tensor) -> tuple[float, float]:
+    """The threshold that best separates ``positive`` scores (above) from ``negative`` ones (below).
+
+    Returns:
+        ``(threshold, balanced accuracy)``; the threshold lies halfway between two neighbouring
+        scores.
+
+    Raises:
+        ValueError: One of the sets is empty.
+
+    Examples:
+        >>> threshold, accuracy = best_threshold(torch.tensor([0.9, 0.8, 0.2]), torch.tensor([0.1, 0.3]))
+        >>> round(threshold, 3), round(accuracy, 3)  # 2 of 3 matching prompts above 0.55, both others below
+        (0.55, 0.833)
+    """
+    if positive.numel() == 0 or negative.numel() == 0:
+        raise ValueError("Fitting a condition needs prompts that match it and prompts that do not; one set is empty")
+    scores = torch.cat([positive, negative]).sort().values
+    candidates = torch.cat([scores[:1] - 1e-3, (scores[1:] + scores[:-1]) / 2, scores[-1:] + 1e-3])
+    positive, negative = positive.sort().values, negative.sort().values
+    hits = positive.numel() - torch.searchsorted(positive, candidates, right=True)
+    rejections = torch.searchsorted(negative, candidates, right=True)
+    accuracy = (hits / positive.numel() + rejections / negative.numel()) / 2
+    best = int(accuracy.argmax())
+    return float(candidates[best]), float(accuracy[best])
+
+
+class _KeepRows(Aggregator):
+    """Keeps every positive and negative reading (one row per prompt); the result is their mean difference."""
+
+    name = "condition"
+    summable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positive: list[Tensor] = []
+        self.negative: list[Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return sum(len(rows) for rows in self.positive)
+
+    def update(self, pos: Reading, neg: Reading) -> None:
+        if isinstance(pos, TokenReading) or isinstance(neg, TokenReading):
+            raise ValueError("Condition.fit needs one reading per prompt: use read='mean' or 'last'")
+        self.positive.append(pos.detach().to(torch.float64))
+        self.negative.append(neg.detach().to(torch.float64))
+
+    def all_reduce(self, group: Any = None) -> None:
+        raise NotImplementedError("Condition.fit runs in one process")
+
+    def result(self) -> Tensor:
+        return self._result().to(torch.float32)
+
+    def _result(self) -> Tensor:
+        if not self.positive:
+            raise ValueError("Condition.fit got no data")
+        return torch.cat(self.positive).mean(0) - torch.cat(self.negative).mean(0)
+
+
+class ConditionGate:
+    """A steering context's gate: which rows of the current sequence are steered.
+
+    Args:
+        condition: The condition.
+        tracker: The context's position tracker (where each call sits in its sequence).
+    """
+
+    def __init__(self, condition: Condition, tracker: PositionTracker) -> None:
+        self.condition = condition
+        self.tracker = tracker
+        #: ``[B]`` bool, the rows steered in the current sequence; ``None`` before it is decided.
+        self.met: Tensor | None = None
+        #: ``[B]`` the scores that decided it.
+        self.scores: Tensor | None = None
+        self._deciding = False
+        self._sequence: object = None  # the generate call the gate was decided for
+        self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._combined: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._warned = False
+        self.decisions = 0
+
+    def install(self, installation: Installation, root: nn.Module) -> Callable[[], None]:
+        """Add the read hook on the condition site; returns what adds the root hook that starts each
+        call (to add after the position tracker's own)."""
+        site = self.condition.site
+        installation.add_hook(resolve(root, site), self._read_hook(), path=site.path)
+        self.decisions = 0
+        return lambda: installation.add_hook(root, self._begin_hook(), path="", pre=True, first=False)
+
+    def _begin_hook(self) -> Callable[..., None]:
+        def begin(module: nn.Module, args: Any, kwargs: Any) -> None:
+            tracker = self.tracker
+            if tracker.prompt_length is not None:  # inside generate: decided once, on its first call
+                deciding = self._sequence is not tracker.prompt_tensor
+            else:
+                deciding = isinstance(tracker.start, int) and tracker.start == 0 and tracker.cache_position is None
+            if deciding:
+                self._deciding = True
+                self._set(None, None)
+
+        return begin
+
+    def _read_hook(self) -> Callable[..., None]:
+        site = self.condition.site
+
+        def read(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._deciding:
+                return
+            h = site.select(output)
+            x = h.movedim(1, -1) if site.layout == "NCHW" else h
+            mask = self.tracker.attention_mask
+            if mask is not None and x.ndim == 3 and mask.shape[1] != x.shape[1]:
+                mask = mask[:, -x.shape[1] :]
+            scores = self.condition.score(x.detach(), mask if x.ndim == 3 else None)
+            self._set(self.condition.met(scores), scores)
+            self._deciding = False
+            self._sequence = self.tracker.prompt_tensor
+            self.decisions += 1
+
+        return read
+
+    def _set(self, met: Tensor | None, scores: Tensor | None) -> None:
+        self.met, self.scores = met, scores
+        self._weights.clear()
+        self._combined.clear()
+
+    def apply(self, mask: Tensor | None, x: Tensor, key: str) -> Tensor | None:
+        """``mask`` (``[1 or B, L, 1]`` position weights, or ``None`` for all) restricted to the
+        steered rows, built once per call; ``None`` when no row is steered yet."""
+        met = self.met
+        if met is None:
+            if self._deciding and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"Site {key!r} ran before the condition site {self.condition.site.key!r} in the call that read "
+                    "the prompt, so it was not steered in that call: steer sites after the condition site, or use "
+                    "positions='generated', for the same result with and without a KV cache",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            return None
+        if met.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"The condition was decided for {met.shape[0]} rows, but this call has {x.shape[0]}: a call that "
+                "continues a sequence must keep its batch"
+            )
+        device_dtype = (x.device, x.dtype)
+        weights = self._weights.get(device_dtype)
+        if weights is None:
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            weights = self._weights[device_dtype] = met.to(x.device, x.dtype, non_blocking=True).reshape(shape)
+        if mask is None:
+            return weights
+        cached = self._combined.get(device_dtype)
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        combined = mask * weights
+        self._combined[device_dtype] = (mask, combined)
+        return combined
+
+    def report(self) -> None:
+        """On exit: warn when calls started sequences but the condition site never read one."""
+        if self._deciding and self.decisions == 0:
+            warnings.warn(
+                f"The condition site {self.condition.site.key!r} never ran while the context was open, so no row "
+                "was steered; check the site path (model.named_modules())",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._deciding = False
