@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,44 @@ def test_fit_learns_when_a_review_is_negative_on_the_demo_model() -> None:
     met = handle.condition_met
     assert torch.equal(steered[~met], plain[~met])
     assert not torch.equal(steered[met], plain[met])
+
+
+def test_a_condition_file_keeps_its_rule(model: torch.nn.Module, tmp_path: Path) -> None:
+    inputs = _inputs()
+    fitted = tdsteer.Condition.fit(
+        model,
+        [{"positive": {k: v[:3] for k, v in inputs.items()}, "negative": {k: v[3:] for k, v in inputs.items()}}],
+        "transformer.h.0",
+        read="last",
+        progress=False,
+    )
+    path = fitted.save(tmp_path / "condition.safetensors")
+    loaded = tdsteer.Condition.load(path)
+    assert torch.equal(loaded.direction, fitted.direction) and loaded.site == fitted.site
+    assert (loaded.threshold, loaded.above, loaded.read, loaded.accuracy) == (
+        fitted.threshold,
+        True,
+        "last",
+        fitted.accuracy,
+    )
+    assert loaded.metadata["model_type"] == "gpt2" and loaded.metadata["method"] == "mean_diff"
+    h = torch.randn(6, 7, HIDDEN)
+    assert torch.equal(loaded.score(h, None), fitted.score(h, None))
+    plain_file = tdsteer.SteeringVector({"transformer.h.0": torch.ones(HIDDEN)}).save(tmp_path / "v.safetensors")
+    with pytest.raises(ValueError, match="without a condition"):
+        tdsteer.Condition.load(plain_file)
+
+
+def test_a_condition_for_another_model_is_refused(model: torch.nn.Module) -> None:
+    condition = tdsteer.Condition({"transformer.h.0": torch.ones(HIDDEN + 1)}, 0.0)
+    hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    handle = tdsteer.steer(model, {"transformer.h.1": torch.ones(HIDDEN)}, condition=condition)
+    with pytest.raises(ValueError, match=f"hidden size {HIDDEN + 1}, but the activation has {HIDDEN} channels"):
+        with handle:
+            model(**_inputs())
+    assert not handle.is_open  # and every hook removed:
+    assert hooks == [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    condition = tdsteer.Condition({"transformer.h.9": torch.ones(HIDDEN)}, 0.0)
+    with pytest.raises(ValueError, match="transformer.h.9"):
+        with tdsteer.steer(model, {"transformer.h.1": torch.ones(HIDDEN)}, condition=condition):
+            pass

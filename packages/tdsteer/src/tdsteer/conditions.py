@@ -16,8 +16,10 @@ prompt alone, for the same result with and without a KV cache.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,9 @@ from tdsteer.positions import PositionTracker
 from tdsteer.reading import READERS, ReadContext, Reading, TokenReading, check_read
 from tdsteer.sites import SiteLike, as_site
 from tdsteer.vector import SteeringVector
+
+#: The metadata entry of a condition file that holds its rule.
+CONDITION_KEY = "condition"
 
 
 class Condition:
@@ -66,8 +71,10 @@ class Condition:
         above: bool = True,
         read: str = "mean",
     ) -> None:
+        metadata: dict[str, Any] = {}
         if isinstance(vector, SteeringVector):
             items = [(vector.sites[key], tensor) for key, tensor in vector.directions.items()]
+            metadata = {k: v for k, v in vector.metadata.items() if k != CONDITION_KEY}
         elif isinstance(vector, Mapping):
             items = [(as_site(key), tensor) for key, tensor in vector.items()]
         else:
@@ -96,11 +103,55 @@ class Condition:
         self.read = read
         #: Balanced accuracy on the data :meth:`fit` chose the threshold on (``None`` otherwise).
         self.accuracy: float | None = None
+        #: Where the direction came from (a :class:`~tdsteer.SteeringVector`'s metadata: model, data...).
+        self.metadata = metadata
         self._unit: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
         side = ">" if self.above else "<"
         return f"Condition({self.site.key!r}, cosine {side} {self.threshold:.4g}, read={self.read!r})"
+
+    def to_vector(self) -> SteeringVector:
+        """The direction as a one-site :class:`~tdsteer.SteeringVector` whose metadata holds the
+        threshold, the side and the read under ``"condition"``."""
+        rule = {"threshold": self.threshold, "above": self.above, "read": self.read, "accuracy": self.accuracy}
+        return SteeringVector(
+            {self.site.key: self.direction},
+            sites={self.site.key: self.site},
+            metadata={**self.metadata, CONDITION_KEY: rule},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the condition to a safetensors file (a steering-vector file, :meth:`to_vector`).
+
+        Examples:
+            >>> import tempfile, torch
+            >>> condition = Condition({"blocks.2": torch.ones(4)}, threshold=0.25, read="last")
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     Condition.load(condition.save(f"{folder}/c.safetensors"))
+            Condition('blocks.2', cosine > 0.25, read='last')
+        """
+        return self.to_vector().save(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Condition:
+        """Read a condition that :meth:`save` wrote.
+
+        Raises:
+            SteeringVectorFileError: No such file, or a damaged one.
+            ValueError: A steering-vector file that holds no condition.
+        """
+        vector = SteeringVector.load(path, device=device)
+        rule = vector.metadata.get(CONDITION_KEY)
+        if not isinstance(rule, dict) or not isinstance(rule.get("threshold"), (int, float)):
+            raise ValueError(
+                f"{str(path)!r} is a steering-vector file without a condition (no 'condition' threshold in its "
+                "metadata); save conditions with Condition.save, or build one: tdsteer.Condition(vector, threshold)"
+            )
+        condition = cls(vector, rule["threshold"], above=bool(rule.get("above", True)), read=str(rule.get("read")))
+        accuracy = rule.get("accuracy")
+        condition.accuracy = float(accuracy) if isinstance(accuracy, (int, float)) else None
+        return condition
 
     def score(self, h: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Each row's cosine similarity ``[B]`` (float32) with the direction.
@@ -109,6 +160,12 @@ class Condition:
             h: The site's activation, channel-last (``[B, L, C]`` for tokens).
             attention_mask: ``[B, L]`` real tokens, or ``None`` (all real).
         """
+        channels = self.direction.shape[0]
+        if h.shape[-1] != channels:
+            raise ValueError(
+                f"The condition at site {self.site.key!r} has hidden size {channels}, but the activation has "
+                f"{h.shape[-1]} channels (shape {tuple(h.shape)}): it was made for another model or another site"
+            )
         reading = READERS[self.read](h, ReadContext(self.site, attention_mask))
         if isinstance(reading, TokenReading):  # a registered reader that keeps every token
             raise ValueError(f"read={self.read!r} gives every token; a Condition needs one row per example")
@@ -181,6 +238,7 @@ class Condition:
             device=device,
             distributed=False,
         )
+        vector.metadata["method"] = "mean_diff"
         condition = cls(vector, 0.0, read=read)
         unit = condition._unit_on(torch.device("cpu"))
         positive, negative = (cosine(torch.cat(part).float().cpu(), unit) for part in (rows.positive, rows.negative))

@@ -239,6 +239,8 @@ def steer(
             site_list = [s for s in site_list if s.key in wanted]
     else:
         raise TypeError(f"vector must be a SteeringVector or a mapping of site -> tensor, got {type(vector).__name__}")
+    if condition is not None:
+        condition.to_vector().validate(model, check=check)
     factory = SteeringVectors(
         site_list,
         vectors=tensors,

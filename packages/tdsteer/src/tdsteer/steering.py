@@ -309,11 +309,11 @@ class SteeringVectors(HookingContextFactory):
     def _report_idle(self) -> None:
         """On exit: warn about sites that never ran while others did (their module is never called)."""
         self.tracker.set_starts(None)
-        if self.gate is not None:
-            self.gate.report()
         steerers = self._steerers
         if self.traced or sys.exc_info()[0] is not None:
             return  # compiled graphs run hooks without counting calls; an exception may have cut a call short
+        if self.gate is not None:
+            self.gate.report()
         idle = [key for key, s in steerers.items() if s.calls == 0]
         if idle and len(idle) < len(steerers):
             busiest = max(steerers.values(), key=lambda s: s.calls)

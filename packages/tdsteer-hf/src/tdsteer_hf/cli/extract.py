@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import tdsteer
@@ -53,6 +54,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
+    parser.add_argument(
+        "--condition",
+        action="store_true",
+        help=(
+            "fit a condition for conditional steering instead (tdsteer.Condition.fit: positive texts are the "
+            "prompts that should trigger it, negative ones those that should not; one layer; --read last or mean); "
+            "use it with tdsteer generate --condition"
+        ),
+    )
     parser.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
 
 
@@ -61,12 +71,39 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_length is not None:
         positive_int("--max-length", args.max_length)
     layers = parse_layers(args.layers)  # everything the user gave is checked before the model loads
+    if args.condition:
+        _check_condition_options(args, layers)
     output_file(args.output)
     parse_device(args.device)
     records = read_pairs(args.pairs)
     # Under torchrun each rank reads its shard of the pairs; the states are all-reduced once.
     with parallel.process_group():
         return _extract(args, records, layers)
+
+
+def _check_condition_options(args: argparse.Namespace, layers: list[Any] | None) -> None:
+    if args.read not in ("last", "mean"):
+        raise CLIError(f"--condition reads one row per prompt: use --read last or --read mean, not {args.read!r}")
+    if args.method != "mean_diff":
+        raise CLIError(f"--condition fits a mean difference and a threshold; drop --method {args.method}")
+    if layers is not None and (len(layers) != 1 or not isinstance(layers[0], int)):
+        raise CLIError(f"--condition reads one layer: give --layers K, not {args.layers!r}")
+    if parallel.launched():
+        raise CLIError("--condition fits in one process: run it without torchrun")
+
+
+def _fit_condition(args: argparse.Namespace, model: Any, batches: Any, site: Any, layer: int, progress: bool) -> int:
+    condition = tdsteer.Condition.fit(model, batches, site, read=args.read, progress=progress)
+    condition.metadata.update(
+        model_name=args.model, site_kind=args.kind, layers=[layer], data_file=str(args.pairs), read=args.read
+    )
+    path = condition.save(Path(args.output).expanduser())
+    side = ">" if condition.above else "<"
+    print(
+        f"Fitted condition at {site.key}: cosine {side} {condition.threshold:.4g} (read {args.read}), balanced "
+        f"accuracy {condition.accuracy:.3f} on {condition.metadata.get('num_examples')} prompt pairs -> {path}"
+    )
+    return 0
 
 
 def _batches(args: argparse.Namespace, tokenizer: Any, records: list[Any], limit: object) -> Any:
@@ -109,6 +146,8 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
         failure, batches = error, []
     parallel.agree(failure)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.condition:
+        return _fit_condition(args, model, batches, sites[0], indices[0], progress)
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
     )

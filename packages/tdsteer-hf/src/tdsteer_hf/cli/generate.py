@@ -48,6 +48,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steered tokens: all, prompt, generated, continuation, K or from:K (default: all)",
     )
     parser.add_argument("--sites", default=None, help="steer only these comma-separated sites of the vector")
+    parser.add_argument(
+        "--condition",
+        default=None,
+        help="condition file (tdsteer extract --condition): steer only the prompts that meet it",
+    )
     add_check_option(parser)
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
@@ -136,6 +141,15 @@ def site_sizes(model: nn.Module) -> dict[str, int] | None:
         return None
 
 
+def _condition_note(condition: tdsteer.Condition | None, record: dict[str, Any]) -> str:
+    """`` (condition met: cosine 0.61 > 0.4)`` after a prompt, when a condition gates the steering."""
+    if condition is None or "condition_met" not in record:
+        return ""
+    side = ">" if condition.above else "<"
+    verdict = "condition met" if record["condition_met"] else "condition not met, not steered"
+    return f" ({verdict}: cosine {record['condition_score']:.3g}, steered when {side} {condition.threshold:.3g})"
+
+
 def _run(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scale or ["1"])
     positions = parse_positions(args.positions)
@@ -146,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         raise CLIError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
     vector = tdsteer.as_vector(args.vector)  # before the model: a bad file fails fast
+    condition = None if args.condition is None else tdsteer.Condition.load(args.condition)
     if args.sites:
         wanted = [key.strip() for key in args.sites.split(",") if key.strip()]
         try:
@@ -175,20 +190,31 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         add_special_tokens=special,
     )
+    handle = tdsteer.steer(
+        model,
+        vector,
+        scale=row_scales,
+        operator=args.operator,
+        positions=positions,
+        check="ignore",
+        condition=condition,
+    )
     try:
-        with tdsteer.steer(
-            model, vector, scale=row_scales, operator=args.operator, positions=positions, check="ignore"
-        ):
+        with handle:
             steered = generate_texts(model, tokenizer, rows, **options)
         plain = generate_texts(model, tokenizer, texts, **options) if args.compare else None
     except (ValueError, IndexError) as error:
         raise CLIError(f"generation failed: {one_line(error)}") from None
+    met, scores = handle.condition_met, handle.condition_scores
     per_prompt: list[list[dict[str, Any]]] = []
     for p, prompt in enumerate(prompts):
         records = [
             {"prompt": prompt, "scale": scale, "completion": steered[p * len(scales) + s]}
             for s, scale in enumerate(scales)
         ]
+        if met is not None and scores is not None:
+            for record in records:
+                record.update(condition_met=bool(met[p * len(scales)]), condition_score=float(scores[p * len(scales)]))
         if plain is not None:
             records.append({"prompt": prompt, "scale": None, "completion": plain[p]})
         per_prompt.append(records)
@@ -197,14 +223,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     method = vector.metadata.get("method", "?")
     decoding = f"sampling (T={args.temperature:g}, seed {args.seed})" if args.sample else "greedy"
+    gated = "" if condition is None else f", only prompts that meet the condition at {condition.site.key}"
     print(
-        f"Steering {', '.join(vector.keys())} ({method} vector, operator {args.operator}, positions {positions}); "
-        f"{decoding}, {args.max_new_tokens} new tokens"
+        f"Steering {', '.join(vector.keys())} ({method} vector, operator {args.operator}, positions {positions}"
+        f"{gated}); {decoding}, {args.max_new_tokens} new tokens"
     )
     width = max(len(f"{scale:g}") for scale in scales)
     label_width = max(len("unsteered") if plain is not None else 0, width + len("scale "))
     for p, (prompt, records) in enumerate(zip(prompts, per_prompt, strict=True)):
-        print(f"prompt {p + 1}: {quote(prompt)}")
+        print(f"prompt {p + 1}: {quote(prompt)}{_condition_note(condition, records[0])}")
         for record in records:
             label = "unsteered" if record["scale"] is None else f"scale {record['scale']:>{width}g}"
             print(f"  {label:<{label_width}} -> {quote(record['completion'])}")
