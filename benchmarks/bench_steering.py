@@ -202,6 +202,7 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
         "tdsteer 1 layer": tdsteer_context(model, one, scale, "all"),
         "tdsteer 12 layers": tdsteer_context(model, every, scale, "all"),
         f"tdsteer 12 layers from:{k}": tdsteer_context(model, every, scale, f"from:{k}"),
+        "tdsteer 12 layers, condition": lambda: tdsteer.steer(model, every, scale=scale, condition=ctx["condition"]),
         "floor 1 layer": lambda: bare_hooks(model, ctx["one_delta"]),
         "floor 12 layers": lambda: bare_hooks(model, ctx["every_delta"]),
         "tdhook SteeringVectors 12 layers": tdhook_context(model, ctx["every_delta"]),
@@ -234,6 +235,13 @@ def bench_forward(args: argparse.Namespace, model: nn.Module, ctx: dict[str, Any
     )
     check_same(
         "forward: tdsteer 1 layer == floor 1 layer", outputs["tdsteer 1 layer"], outputs["floor 1 layer"], checks, atol
+    )
+    check_same(
+        "forward: tdsteer 12 layers, condition met by every row == floor 12 layers",
+        outputs["tdsteer 12 layers, condition"],
+        outputs["floor 12 layers"],
+        checks,
+        atol,
     )
     check_same(
         "forward: tdhook SteeringVectors 12 layers == floor 12 layers",
@@ -278,6 +286,9 @@ def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, An
         "plain": contextlib.nullcontext,
         "tdsteer 12 layers": tdsteer_context(model, every, scale, "all"),
         "tdsteer 12 layers generated": tdsteer_context(model, every, scale, "generated"),
+        "tdsteer 12 layers generated, condition": lambda: tdsteer.steer(
+            model, every, scale=scale, positions="generated", condition=ctx["condition"]
+        ),
         "floor 12 layers": lambda: bare_hooks(model, ctx["every_delta"]),
     }
     if ctx["peer"] is not None:
@@ -298,6 +309,8 @@ def bench_generate(args: argparse.Namespace, model: nn.Module, ctx: dict[str, An
     differs = not torch.equal(outputs["tdsteer 12 layers"][:, new], plain[:, new])
     checks["generate: steering changed the generated tokens"] = {"ok": differs}
     # "generated" leaves the prompt pass alone, so the first new token is the plain one.
+    gated = bool(torch.equal(outputs["tdsteer 12 layers generated, condition"], outputs["tdsteer 12 layers generated"]))
+    checks["generate: a condition met by every row steers as no condition (tokens)"] = {"ok": gated}
     first = bool(torch.equal(outputs["tdsteer 12 layers generated"][:, args.prompt_len], plain[:, args.prompt_len]))
     checks["generate: positions=generated keeps the first new token"] = {"ok": first}
     if args.smoke:
@@ -389,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "one_peer": {middle: directions[middle]},
         "every_peer": dict(directions),
         "peer": peer,
+        # a condition at the first block that every row meets: what reading the prompt and gating cost
+        "condition": tdsteer.Condition({layer_path(0): directions[0]}, threshold=-2.0),
     }
     if peer is not None:
         try:

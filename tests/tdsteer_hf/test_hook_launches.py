@@ -142,3 +142,19 @@ def test_continuation_starts_launch_one_kernel_per_layer(model: torch.nn.Module)
 
     per_layer = _per_layer(count)
     assert per_layer == Counter({"aten::addcmul": 1})
+
+
+@pytest.mark.parametrize(("positions", "call", "steered_calls"), [("all", "forward", 1), ("generated", "generate", 2)])
+def test_a_condition_adds_no_kernel_per_layer(
+    model: torch.nn.Module, positions: str, call: str, steered_calls: int
+) -> None:
+    run = _calls(model)[call]
+    condition = tdsteer.Condition({"transformer.h.0": torch.ones(16)}, threshold=-2.0)  # every row meets it
+
+    def count(layers: int) -> Counter[str]:
+        steer = lambda: tdsteer.steer(model, _vectors(layers), scale=2.0, positions=positions, condition=condition)  # noqa: E731
+        return _kernels(steer, run)
+
+    per_layer = _per_layer(count)
+    assert sum(per_layer.values()) == steered_calls, per_layer
+    assert set(per_layer) <= {"aten::add", "aten::addcmul"}, per_layer
