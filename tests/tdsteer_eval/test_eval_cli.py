@@ -53,6 +53,9 @@ def test_each_bad_input_is_one_line_before_the_model_loads(
     _one_line_error(capsys, _sweep(tiny_dir, "--positions", "middle", *out), "Unknown position policy 'middle'")
     _one_line_error(capsys, _sweep(tiny_dir, "--positions", "patches", *out), "policy of image models")
     _one_line_error(capsys, _sweep(tiny_dir, "--operator", "shove", *out), "Unknown operator 'shove'")
+    _one_line_error(
+        capsys, _sweep(tiny_dir, "--condition", str(tiny_dir / "vector.safetensors"), *out), "without a condition"
+    )
     _one_line_error(capsys, _sweep(tiny_dir, "--sites", "transformer.h.9", *out), "--sites transformer.h.9: not in")
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
@@ -85,10 +88,26 @@ def test_sweep_from_the_command_line(
     assert capsys.readouterr().out.splitlines()[0].startswith("Wrote ")
 
 
+def test_sweep_with_a_condition_that_no_item_meets(
+    tiny_dir: Path, tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing is steered: every scale gives the propensities of scale 0, and the provenance names the file."""
+    never = tdsteer.Condition({"transformer.h.0": torch.ones(32)}, threshold=1.5)  # a cosine is at most 1
+    path = str(never.save(tmp_path / "never.safetensors"))
+    argv = [*_sweep(tiny_dir, "--limit", "2", "--condition", path), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["provenance"]["condition"] == str(Path(path).resolve())
+    by_scale: dict[float, list[float]] = {}
+    for item in data["items"]:
+        by_scale.setdefault(item["scale"], []).append(item["propensity"])
+    assert by_scale[-2.0] == by_scale[0.0] == by_scale[2.0]
+
+
 def test_eval_help_lists_the_tdsteer_model_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "run", "--help"]) == 0
     out = capsys.readouterr().out
-    for argument in ("vector=", "scale=", "operator=", "positions=", "sites=", "check="):
+    for argument in ("vector=", "scale=", "operator=", "positions=", "sites=", "check=", "condition="):
         assert argument in out, argument
     assert "tdsteer_caa_ab" in out
 

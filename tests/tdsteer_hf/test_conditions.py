@@ -44,7 +44,8 @@ def _condition_splitting_rows(
     reading = (h0 * real).sum(1) / real.sum(1)
     direction = reading[0] - reading[1:].mean(0)
     scores = F.cosine_similarity(reading, direction.unsqueeze(0), dim=-1)
-    threshold = float(scores.median())
+    distinct = scores.unique()  # sorted; the threshold halfway between two of them, far from every score
+    threshold = float(distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]) / 2
     met = scores > threshold
     assert 0 < int(met.sum()) < len(met)
     return tdsteer.Condition({"transformer.h.0": direction}, threshold), met

@@ -95,6 +95,10 @@ class SteeredLM(HFLM):
         check: When the vector was made for another model type: ``"warn"``, ``"error"``, ``"ignore"``.
         assistant_marker: For ``positions="assistant"``: the text that opens the assistant turn
             (default: taken from the tokenizer's chat template).
+        condition: Steer only the requests whose context meets this :class:`tdsteer.Condition` (or
+            the path of a condition file, ``tdsteer extract --condition``): read on each scored
+            request's context (up to the token that scores the continuation) and on each
+            generation's prompt.
         **kwargs: Passed to ``HFLM`` (``tokenizer``, ``device``, ``dtype``, ``batch_size``,
             ``parallelize``...).
 
@@ -117,6 +121,7 @@ class SteeredLM(HFLM):
         sites: Sequence[str] | str | None = None,
         check: Check = "warn",
         assistant_marker: str | None = None,
+        condition: str | tdsteer.Condition | None = None,
         **kwargs: Any,
     ) -> None:
         if vector is None:
@@ -129,6 +134,8 @@ class SteeredLM(HFLM):
         as_operator(operator)  # a bad operator fails before the model loads
         # Before the model loads, so that a bad file fails fast (a .pt file is re-keyed once the model is known).
         loaded = as_vector(vector)
+        self.condition = condition if not isinstance(condition, str) else tdsteer.Condition.load(condition)
+        self.condition_source = condition if isinstance(condition, str) else None
         self._handle: SteeringHandle | None = None
         self._warned: set[str] = set()
         super().__init__(pretrained=pretrained, **kwargs)
@@ -146,6 +153,8 @@ class SteeredLM(HFLM):
         self.scale = scale
         if self.positions in ROW_POLICIES and self.backend != "causal":
             raise ValueError(f"positions={positions!r} needs a causal model; this one is {self.backend}")
+        if self.condition is not None and self.backend != "causal":
+            raise ValueError(f"a condition needs a causal model; this one is {self.backend}")
         self._marker = assistant_marker_ids(self.tokenizer, assistant_marker) if positions == "assistant" else None
         with self.steering():  # fail now, not in the middle of an evaluation
             pass
@@ -205,6 +214,7 @@ class SteeredLM(HFLM):
             operator=self.operator,
             positions=self._core_positions,
             check="ignore",
+            condition=self.condition,
         )
 
     @contextmanager
@@ -253,8 +263,9 @@ class SteeredLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None) -> Any:
-        if self.positions not in ROW_POLICIES:
+        if self.positions not in ROW_POLICIES and self.condition is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        # per-row starts: where the continuation is scored from, and where a condition's prompt ends
         with self._steered():
             return score_requests(
                 self, requests, self._start_of, self._set_starts, disable_tqdm=disable_tqdm, override_bs=override_bs
@@ -316,6 +327,7 @@ class SteeredLM(HFLM):
             tdsteer_positions=self.positions,
             tdsteer_sites=self.vector.keys(),
             tdsteer_vector_method=self.vector.metadata.get("method"),
+            tdsteer_condition=None if self.condition is None else self.condition_source or repr(self.condition),
         )
         return info
 

@@ -162,6 +162,15 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+def _condition_of(lm: Any) -> str | None:
+    """The condition a model's steering is gated by: its file, or its description; ``None`` without one."""
+    condition = getattr(lm, "condition", None)
+    if condition is None:
+        return None
+    source = getattr(lm, "condition_source", None)
+    return str(Path(source).expanduser().resolve()) if source else repr(condition)
+
+
 def provenance_of(lm: Any, tasks: Sequence[str], scales: Sequence[float], options: EvalOptions) -> dict[str, Any]:
     """What a sweep records about where its numbers come from (``date`` is compared apart on resume)."""
     source = getattr(lm, "vector_source", None)
@@ -172,6 +181,7 @@ def provenance_of(lm: Any, tasks: Sequence[str], scales: Sequence[float], option
         "sites": vector.keys(),
         "operator": lm.operator if isinstance(lm.operator, str) else type(lm.operator).__name__,
         "positions": lm.positions,
+        "condition": _condition_of(lm),
         "scales": [float(s) for s in scales],
         "tasks": list(tasks),
         "options": {k: v for k, v in asdict(options).items() if k != "log_samples"},

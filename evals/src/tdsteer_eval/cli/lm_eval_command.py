@@ -26,6 +26,7 @@ tdsteer model: --model tdsteer --model_args pretrained=NAME,vector=FILE[,...]
   sites=A|B            steer only these sites of the vector (separated by |)
   check=warn           when the vector was made for another model type: warn, error or ignore
   assistant_marker=T   for positions=assistant: the text that opens the assistant turn
+  condition=FILE       steer only the items whose context meets this condition (tdsteer extract --condition)
 Shipped tasks, always included: {", ".join(SHIPPED_TASKS)} (data files: --metadata
 '{{"caa_path": ..., "mwe_path": ..., "text_path": ...}}'). Data parallel: accelerate launch -m tdsteer eval run ...
 """

@@ -183,6 +183,7 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
     config = _model_config(args)
     structure = _structure(config, args.trust_remote_code)
     plan_vector = _check_vector(args, config, structure) if args.vector else None
+    condition = tdsteer.Condition.load(args.condition) if args.condition else None
     layer_sites, pairs = _check_layers(args, structure) if args.layers else ([], [])
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     options = EvalOptions(
@@ -206,6 +207,7 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
         "sites": plan_vector.keys() if plan_vector is not None else [s.key for s in layer_sites],
         "operator": args.operator,
         "positions": positions,
+        "condition": None if condition is None else str(Path(args.condition).expanduser().resolve()),
         "scales": scales,
         "tasks": tasks,
         "metadata": metadata,

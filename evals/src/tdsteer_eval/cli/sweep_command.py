@@ -33,6 +33,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--positions", default="all", help=f"{', '.join(POSITIONS)} (default: all)")
     model.add_argument("--check", choices=CHECKS, default="warn", help="vector made for another model type")
     model.add_argument("--assistant-marker", default=None, help="for --positions assistant: text opening the reply")
+    model.add_argument(
+        "--condition",
+        default=None,
+        help="condition file (tdsteer extract --condition): steer only the items meeting it",
+    )
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:0... (default: cuda if available)")
     model.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (default: auto, the checkpoint's)")
     model.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
@@ -90,6 +95,7 @@ def load_lm(plan: SweepPlan, args: argparse.Namespace) -> SteeredLM:
         sites=plan.vector.keys() if plan.vector is not None else None,
         check=args.check,
         assistant_marker=args.assistant_marker,
+        condition=args.condition,
         batch_size=int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size,
         **kwargs,
     )

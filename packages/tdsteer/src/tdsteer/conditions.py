@@ -3,7 +3,8 @@
 A :class:`Condition` holds one site, a direction there and a threshold. While a steering context
 with a condition is open, the first call of each sequence (the prompt pass of ``generate``, or a plain
 call that starts at position 0) reads the condition site for every row (the mean over its real
-tokens, or its last real token), scores the reading by its cosine similarity with the direction, and
+tokens, or its last real token; with per-row starts, ``handle.set(starts=...)``, only the tokens up
+to each row's start: a scored request's context), scores the reading by its cosine similarity with the direction, and
 decides that row's gate: steered when the score is above the threshold (below, with
 ``above=False``). The calls that continue a sequence (decoding steps, with or without a KV cache)
 keep the gate. Each row has its own gate, so one batch mixes steered and unsteered rows, and nothing
@@ -363,16 +364,26 @@ class ConditionGate:
                 return
             h = site.select(output)
             x = h.movedim(1, -1) if site.layout == "NCHW" else h
-            mask = self.tracker.attention_mask
-            if mask is not None and x.ndim == 3 and mask.shape[1] != x.shape[1]:
-                mask = mask[:, -x.shape[1] :]
-            scores = self.condition.score(x.detach(), mask if x.ndim == 3 else None)
+            scores = self.condition.score(x.detach(), self._prompt_mask(x) if x.ndim == 3 else None)
             self._set(self.condition.met(scores), scores)
             self._deciding = False
             self._sequence = self.tracker.prompt_tensor
             self.decisions += 1
 
         return read
+
+    def _prompt_mask(self, x: Tensor) -> Tensor | None:
+        """The real tokens of each row's prompt in this call: with per-row starts (a scored request's
+        continuation), the tokens up to and including the start."""
+        tracker, length = self.tracker, x.shape[1]
+        mask = tracker.attention_mask
+        if mask is not None and mask.shape[1] != length:
+            mask = mask[:, -length:]
+        starts = tracker.row_starts(x.device)
+        if starts is None:
+            return mask
+        within = tracker.positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
+        return within if mask is None else within & mask.to(x.device, non_blocking=True).bool()
 
     def _set(self, met: Tensor | None, scores: Tensor | None) -> None:
         self.met, self.scores = met, scores
