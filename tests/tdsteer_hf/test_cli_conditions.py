@@ -40,9 +40,22 @@ def test_fit_then_generate_steers_only_the_prompts_that_meet_it(
         capsys, "extract", *common, "--pairs", files["condition_pairs"], "--condition", "-o", condition
     )
     assert status == 0, err
-    assert "Fitted condition at transformer.h.0: cosine >" in out and "balanced accuracy 1.000 on 150" in out, out
+    assert "Fitted condition at transformer.h.0 (layer 0): cosine >" in out, out
+    assert "balanced accuracy 1.000 on 150" in out, out
     status, _, err = _run(capsys, "extract", *common, "--pairs", files["pairs"], "-o", vector)
     assert status == 0, err
+
+    # of several layers, the one that separates best (the first of equals)
+    several = ["--model", model, "--layers", "0:4", "--read", "mean", "--device", "cpu", "--no-progress"]
+    status, out, err = _run(
+        capsys, "extract", *several, "--pairs", files["condition_pairs"], "--condition", "-o", root / "best.st"
+    )
+    assert status == 0, err
+    by_layer = dict(
+        part.split(": ") for part in out.splitlines()[0].removeprefix("Balanced accuracy by layer: ").split(", ")
+    )
+    best = max(by_layer, key=lambda layer: float(by_layer[layer]))
+    assert f"(layer {best}): cosine" in out.splitlines()[1], out
 
     negative, positive = RECORDS[160]["negative"], RECORDS[160]["positive"]
     generate = ["generate", "--model", model, "--vector", vector, "--scale", "1", "--max-new-tokens", "8"]
@@ -65,7 +78,6 @@ def test_condition_options_are_checked_before_the_model_loads(
     base = ["extract", "--model", tmp_path / "no-model", "--pairs", files["condition_pairs"], "-o", tmp_path / "c.st"]
     for extra, words in (
         (["--read", "all"], "use --read last or --read mean"),
-        (["--layers", "0,1"], "one layer"),
         (["--method", "pca_diff"], "drop --method pca_diff"),
     ):
         status, _, err = _run(capsys, *base, "--condition", *extra)

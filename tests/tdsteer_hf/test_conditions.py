@@ -202,3 +202,20 @@ def test_a_condition_for_another_model_is_refused(model: torch.nn.Module) -> Non
     with pytest.raises(ValueError, match="transformer.h.9"):
         with tdsteer.steer(model, {"transformer.h.1": torch.ones(HIDDEN)}, condition=condition):
             pass
+
+
+def test_nested_contexts_make_rules(model: torch.nn.Module) -> None:
+    """ "If the condition holds steer with v1, else with v2": two contexts, one condition and its converse."""
+    inputs = _inputs()
+    condition, met = _condition_splitting_rows(model, inputs)
+    converse = tdsteer.Condition({"transformer.h.0": condition.direction}, condition.threshold, above=False)
+    v1, v2 = torch.randn(HIDDEN), torch.randn(HIDDEN)
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True).hidden_states[2]  # output of transformer.h.1
+        with (
+            tdsteer.steer(model, {"transformer.h.1": v1}, scale=2.0, condition=condition),
+            tdsteer.steer(model, {"transformer.h.1": v2}, scale=3.0, condition=converse),
+        ):
+            steered = model(**inputs, output_hidden_states=True).hidden_states[2]
+    rows = met.float().view(-1, 1, 1)
+    torch.testing.assert_close(steered, plain + rows * 2.0 * v1 + (1 - rows) * 3.0 * v2, atol=1e-6, rtol=0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,8 @@ class Condition:
         self.accuracy: float | None = None
         #: Where the direction came from (a :class:`~tdsteer.SteeringVector`'s metadata: model, data...).
         self.metadata = metadata
+        #: :meth:`fit` with several sites: the balanced accuracy at each.
+        self.accuracies: dict[str, float] = {}
         self._unit: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
@@ -188,7 +190,7 @@ class Condition:
         cls,
         model: nn.Module,
         batches: Iterable[Mapping[str, Any]],
-        site: SiteLike,
+        sites: SiteLike | Sequence[SiteLike],
         *,
         read: str = "mean",
         keys: BatchKeys | None = None,
@@ -197,26 +199,28 @@ class Condition:
     ) -> Condition:
         """Learn a condition from prompts that should trigger it and prompts that should not.
 
-        The direction is the mean difference of the two sets' readings at ``site`` (as
+        At each site, the direction is the mean difference of the two sets' readings (as
         ``tdsteer.extract(method="mean_diff")``), and the threshold the cosine similarity that best
-        separates them (the highest balanced accuracy, kept in :attr:`accuracy`). One pass over the
-        data; the readings are kept (one row per prompt).
+        separates them (the highest balanced accuracy). With several sites, the one that separates
+        best wins (the earliest among equals); :attr:`accuracies` has every site's. One pass over
+        the data, all sites read in it; the readings are kept (one row per prompt and site).
 
         Args:
             model: The model.
             batches: ``{"positive": inputs, "negative": inputs}`` batches as for
                 :func:`tdsteer.extract`: positive prompts match the condition, negative ones do not.
-            site: The condition site.
+            sites: The condition site, or the candidate sites.
             read: How each prompt is read (see :class:`Condition`).
             keys: Names of the batch entries.
             progress: Show a tqdm bar.
             device: Where to move batch tensors (default: the model's device).
 
         Returns:
-            The fitted :class:`Condition` (steering rows scoring above the threshold).
+            The fitted :class:`Condition` (steering rows scoring above the threshold), its balanced
+            accuracy on this data in :attr:`accuracy`.
 
         Raises:
-            ValueError: No data, or data that the direction does not separate at all.
+            ValueError: No data, or one of the two sets empty.
 
         Examples:
             >>> import torch
@@ -227,12 +231,17 @@ class Condition:
             >>> condition.accuracy
             1.0
         """
-        rows = _KeepRows()
+        kept: list[_KeepRows] = []
+
+        def keep_rows() -> _KeepRows:  # extract makes one aggregator per site, in site order
+            kept.append(_KeepRows())
+            return kept[-1]
+
         vector = extract(
             model,
             batches,
-            [site],
-            method=lambda: rows,
+            sites,
+            method=keep_rows,
             read=read,
             keys=keys,
             progress=progress,
@@ -240,11 +249,16 @@ class Condition:
             distributed=False,
         )
         vector.metadata["method"] = "mean_diff"
-        condition = cls(vector, 0.0, read=read)
-        unit = condition._unit_on(torch.device("cpu"))
-        positive, negative = (cosine(torch.cat(part).float().cpu(), unit) for part in (rows.positive, rows.negative))
-        condition.threshold, condition.accuracy = best_threshold(positive, negative)
-        return condition
+        fitted = []
+        for key, rows in zip(vector.keys(), kept, strict=True):
+            condition = cls(vector.select([key]), 0.0, read=read)
+            unit = condition._unit_on(torch.device("cpu"))
+            positive, negative = (cosine(torch.cat(part).cpu(), unit) for part in (rows.positive, rows.negative))
+            condition.threshold, condition.accuracy = best_threshold(positive, negative)
+            fitted.append(condition)
+        best = max(fitted, key=lambda c: c.accuracy or 0.0)  # max keeps the first of equals
+        best.accuracies = {c.site.key: c.accuracy or 0.0 for c in fitted}
+        return best
 
 
 def cosine(rows: Tensor, unit: Tensor) -> Tensor:

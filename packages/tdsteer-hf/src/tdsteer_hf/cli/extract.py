@@ -59,8 +59,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=(
             "fit a condition for conditional steering instead (tdsteer.Condition.fit: positive texts are the "
-            "prompts that should trigger it, negative ones those that should not; one layer; --read last or mean); "
-            "use it with tdsteer generate --condition"
+            "prompts that should trigger it, negative ones those that should not; --read last or mean; of several "
+            "--layers, the one that separates best); use it with tdsteer generate --condition"
         ),
     )
     parser.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
@@ -86,22 +86,26 @@ def _check_condition_options(args: argparse.Namespace, layers: list[Any] | None)
         raise CLIError(f"--condition reads one row per prompt: use --read last or --read mean, not {args.read!r}")
     if args.method != "mean_diff":
         raise CLIError(f"--condition fits a mean difference and a threshold; drop --method {args.method}")
-    if layers is not None and (len(layers) != 1 or not isinstance(layers[0], int)):
-        raise CLIError(f"--condition reads one layer: give --layers K, not {args.layers!r}")
     if parallel.launched():
         raise CLIError("--condition fits in one process: run it without torchrun")
 
 
-def _fit_condition(args: argparse.Namespace, model: Any, batches: Any, site: Any, layer: int, progress: bool) -> int:
-    condition = tdsteer.Condition.fit(model, batches, site, read=args.read, progress=progress)
+def _fit_condition(args: argparse.Namespace, model: Any, batches: Any, sites: list[Any], layers: list[int]) -> int:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    condition = tdsteer.Condition.fit(model, batches, sites, read=args.read, progress=progress)
+    layer = layers[[site.key for site in sites].index(condition.site.key)]
     condition.metadata.update(
         model_name=args.model, site_kind=args.kind, layers=[layer], data_file=str(args.pairs), read=args.read
     )
     path = condition.save(Path(args.output).expanduser())
     side = ">" if condition.above else "<"
+    if len(sites) > 1:
+        tried = ", ".join(f"{lay}: {acc:.3f}" for lay, acc in zip(layers, condition.accuracies.values(), strict=True))
+        print(f"Balanced accuracy by layer: {tried}")
     print(
-        f"Fitted condition at {site.key}: cosine {side} {condition.threshold:.4g} (read {args.read}), balanced "
-        f"accuracy {condition.accuracy:.3f} on {condition.metadata.get('num_examples')} prompt pairs -> {path}"
+        f"Fitted condition at {condition.site.key} (layer {layer}): cosine {side} {condition.threshold:.4g} "
+        f"(read {args.read}), balanced accuracy {condition.accuracy:.3f} on "
+        f"{condition.metadata.get('num_examples')} prompt pairs -> {path}"
     )
     return 0
 
@@ -145,9 +149,9 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
     except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
         failure, batches = error, []
     parallel.agree(failure)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.condition:
-        return _fit_condition(args, model, batches, sites[0], indices[0], progress)
+        return _fit_condition(args, model, batches, sites, indices)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
     )
