@@ -145,6 +145,8 @@ def test_fit_learns_when_a_review_is_negative_on_the_demo_model() -> None:
     batches = contrastive_batches(tokenizer, fit, batch_size=32, position_ids=True)  # positions as generate has them
     condition = tdsteer.Condition.fit(demo, batches, site, read="last", progress=False)
     assert condition.accuracy == 1.0, condition
+    held_out_batches = contrastive_batches(tokenizer, held_out, batch_size=32, position_ids=True)
+    assert condition.evaluate(demo, held_out_batches, progress=False) >= 0.95
 
     texts = [r["positive"] for r in held_out[:8]] + [r["negative"] for r in held_out[:8]]  # 8 negative, 8 positive
     tokenizer.padding_side = "left"

@@ -1,14 +1,14 @@
 """Conditional steering (CAST, Lee et al. 2024): steer only the rows whose prompt matches a condition.
 
 A :class:`Condition` holds one site, a direction there and a threshold. While a steering context
-with a condition is open, the first call of each sequence (the prompt pass of ``generate``, or a plain
-call that starts at position 0) reads the condition site for every row (the mean over its real
+with a condition is open, the first call of each sequence (the prompt pass of ``generate``, or a
+plain call that starts at position 0) reads the condition site for every row (the mean over its real
 tokens, or its last real token; with per-row starts, ``handle.set(starts=...)``, only the tokens up
-to each row's start: a scored request's context), scores the reading by its cosine similarity with the direction, and
-decides that row's gate: steered when the score is above the threshold (below, with
-``above=False``). The calls that continue a sequence (decoding steps, with or without a KV cache)
-keep the gate. Each row has its own gate, so one batch mixes steered and unsteered rows, and nothing
-is read back to the host: the gate is a tensor that multiplies every site's steering.
+to each row's start: a scored request's context), scores the reading by its cosine similarity with
+the direction, and decides that row's gate: steered when the score is above the threshold (below,
+with ``above=False``). The calls that continue a sequence (decoding steps, with or without a KV
+cache) keep the gate. Each row has its own gate, so one batch mixes steered and unsteered rows, and
+nothing is read back to the host (:mod:`tdsteer.gating` holds that run-time side).
 
 In the call that reads the prompt, sites that run before the condition site are not steered (the
 gate is not decided yet); steer sites after it, or use ``positions="generated"``, which leaves the
@@ -18,8 +18,7 @@ prompt alone, for the same result with and without a KV cache.
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,7 @@ from torch import Tensor, nn
 
 from tdsteer.aggregators import Aggregator
 from tdsteer.extraction import extract
-from tdsteer.hooking import Installation, resolve
 from tdsteer.keys import BatchKeys
-from tdsteer.positions import PositionTracker
 from tdsteer.reading import READERS, ReadContext, Reading, TokenReading, check_read
 from tdsteer.sites import SiteLike, as_site
 from tdsteer.vector import SteeringVector
@@ -260,6 +257,53 @@ class Condition:
         best.accuracies = {c.site.key: c.accuracy or 0.0 for c in fitted}
         return best
 
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        keys: BatchKeys | None = None,
+        progress: bool = True,
+        device: torch.device | str | None = None,
+    ) -> float:
+        """Balanced accuracy of this condition on other data (held-out prompts), as :meth:`fit` measures it.
+
+        Args:
+            model: The model.
+            batches: ``{"positive": inputs, "negative": inputs}`` batches: positive prompts should meet
+                the condition, negative ones should not.
+            keys: Names of the batch entries.
+            progress: Show a tqdm bar.
+            device: Where to move batch tensors (default: the model's device).
+
+        Returns:
+            The mean of the share of positive prompts that meet it and of negative ones that do not.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Identity())
+            >>> condition = Condition({"0": torch.tensor([1.0, 0.0])}, threshold=0.0, read="last")
+            >>> batches = [{"positive": torch.tensor([[[2.0, 0.1]], [[-1.5, 0.2]]]),
+            ...             "negative": torch.tensor([[[-1.0, 0.3]], [[-2.0, 0.0]]])}]
+            >>> condition.evaluate(model, batches, progress=False)  # one of two positives, both negatives
+            0.75
+        """
+        rows = _KeepRows()
+        extract(
+            model,
+            batches,
+            [self.site],
+            method=lambda: rows,
+            read=self.read,
+            keys=keys,
+            progress=progress,
+            device=device,
+            distributed=False,
+        )
+        unit = self._unit_on(torch.device("cpu"))
+        positive, negative = (self.met(cosine(torch.cat(part).cpu(), unit)) for part in (rows.positive, rows.negative))
+        return float((positive.float().mean() + (~negative).float().mean()) / 2)
+
 
 def cosine(rows: Tensor, unit: Tensor) -> Tensor:
     """Cosine similarity ``[B]`` (float32) of each row of ``rows`` ``[B, C]`` with a unit vector."""
@@ -325,126 +369,3 @@ class _KeepRows(Aggregator):
         if not self.positive:
             raise ValueError("Condition.fit got no data")
         return torch.cat(self.positive).mean(0) - torch.cat(self.negative).mean(0)
-
-
-class ConditionGate:
-    """A steering context's gate: which rows of the current sequence are steered.
-
-    Args:
-        condition: The condition.
-        tracker: The context's position tracker (where each call sits in its sequence).
-    """
-
-    def __init__(self, condition: Condition, tracker: PositionTracker) -> None:
-        self.condition = condition
-        self.tracker = tracker
-        #: ``[B]`` bool, the rows steered in the current sequence; ``None`` before it is decided.
-        self.met: Tensor | None = None
-        #: ``[B]`` the scores that decided it.
-        self.scores: Tensor | None = None
-        self._deciding = False
-        self._sequence: object = None  # the generate call the gate was decided for
-        self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._combined: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-        self._warned = False
-        self.decisions = 0
-
-    def install(self, installation: Installation, root: nn.Module) -> Callable[[], None]:
-        """Add the read hook on the condition site; returns what adds the root hook that starts each
-        call (to add after the position tracker's own)."""
-        site = self.condition.site
-        installation.add_hook(resolve(root, site), self._read_hook(), path=site.path)
-        self.decisions = 0
-        return lambda: installation.add_hook(root, self._begin_hook(), path="", pre=True, first=False)
-
-    def _begin_hook(self) -> Callable[..., None]:
-        def begin(module: nn.Module, args: Any, kwargs: Any) -> None:
-            tracker = self.tracker
-            if tracker.prompt_length is not None:  # inside generate: decided once, on its first call
-                deciding = self._sequence is not tracker.prompt_tensor
-            else:
-                deciding = isinstance(tracker.start, int) and tracker.start == 0 and tracker.cache_position is None
-            if deciding:
-                self._deciding = True
-                self._set(None, None)
-
-        return begin
-
-    def _read_hook(self) -> Callable[..., None]:
-        site = self.condition.site
-
-        def read(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._deciding:
-                return
-            h = site.select(output)
-            x = h.movedim(1, -1) if site.layout == "NCHW" else h
-            scores = self.condition.score(x.detach(), self._prompt_mask(x) if x.ndim == 3 else None)
-            self._set(self.condition.met(scores), scores)
-            self._deciding = False
-            self._sequence = self.tracker.prompt_tensor
-            self.decisions += 1
-
-        return read
-
-    def _prompt_mask(self, x: Tensor) -> Tensor | None:
-        """The real tokens of each row's prompt in this call: with per-row starts (a scored request's
-        continuation), the tokens up to and including the start."""
-        tracker, length = self.tracker, x.shape[1]
-        mask = tracker.attention_mask
-        if mask is not None and mask.shape[1] != length:
-            mask = mask[:, -length:]
-        starts = tracker.row_starts(x.device)
-        if starts is None:
-            return mask
-        within = tracker.positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
-        return within if mask is None else within & mask.to(x.device, non_blocking=True).bool()
-
-    def _set(self, met: Tensor | None, scores: Tensor | None) -> None:
-        self.met, self.scores = met, scores
-        self._weights.clear()
-        self._combined.clear()
-
-    def apply(self, mask: Tensor | None, x: Tensor, key: str) -> Tensor | None:
-        """``mask`` (``[1 or B, L, 1]`` position weights, or ``None`` for all) restricted to the
-        steered rows, built once per call; ``None`` when no row is steered yet."""
-        met = self.met
-        if met is None:
-            if self._deciding and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"Site {key!r} ran before the condition site {self.condition.site.key!r} in the call that read "
-                    "the prompt, so it was not steered in that call: steer sites after the condition site, or use "
-                    "positions='generated', for the same result with and without a KV cache",
-                    UserWarning,
-                    stacklevel=5,
-                )
-            return None
-        if met.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"The condition was decided for {met.shape[0]} rows, but this call has {x.shape[0]}: a call that "
-                "continues a sequence must keep its batch"
-            )
-        device_dtype = (x.device, x.dtype)
-        weights = self._weights.get(device_dtype)
-        if weights is None:
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            weights = self._weights[device_dtype] = met.to(x.device, x.dtype, non_blocking=True).reshape(shape)
-        if mask is None:
-            return weights
-        cached = self._combined.get(device_dtype)
-        if cached is not None and cached[0] is mask:
-            return cached[1]
-        combined = mask * weights
-        self._combined[device_dtype] = (mask, combined)
-        return combined
-
-    def report(self) -> None:
-        """On exit: warn when calls started sequences but the condition site never read one."""
-        if self._deciding and self.decisions == 0:
-            warnings.warn(
-                f"The condition site {self.condition.site.key!r} never ran while the context was open, so no row "
-                "was steered; check the site path (model.named_modules())",
-                UserWarning,
-                stacklevel=4,
-            )
-        self._deciding = False

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from tdsteer.conditions import ConditionGate
+from tdsteer.gating import ConditionGate
 from tdsteer.operators import Add, Operator, Scale
 from tdsteer.positions import PositionPolicy, PositionTracker, Selection, Span, site_mask
 from tdsteer.sites import Site

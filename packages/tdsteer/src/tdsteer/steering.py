@@ -23,7 +23,8 @@ from tdhook.paths import resolve_submodule_path
 from torch import Tensor, nn
 
 from tdsteer import interrupts
-from tdsteer.conditions import Condition, ConditionGate
+from tdsteer.conditions import Condition
+from tdsteer.gating import ConditionGate
 from tdsteer.hooking import Installation, install, module_device, resolve
 from tdsteer.operators import Custom, Operator, Scale, as_operator
 from tdsteer.policies import PositionPolicy, PositionsLike, as_policy
