@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import tdsteer
 from tdsteer.cli import main
 from tdsteer_hf.demo import data_path, model_path
 
@@ -41,10 +42,26 @@ def test_fit_then_generate_steers_only_the_prompts_that_meet_it(
     )
     assert status == 0, err
     assert "Fitted condition at transformer.h.0 (layer 0): cosine >" in out, out
-    assert "balanced accuracy 1.000 on 150" in out, out
+    assert "balanced accuracy 1.000 on the 150 prompt pairs it was fitted on" in out, out
     status, _, err = _run(capsys, "extract", *common, "--pairs", files["pairs"], "-o", vector)
     assert status == 0, err
 
+    # held-out pairs measure it on data it was not fitted on
+    status, out, err = _run(
+        capsys,
+        "extract",
+        *common,
+        "--pairs",
+        files["condition_pairs"],
+        "--condition",
+        "--held-out",
+        "0.2",
+        "-o",
+        root / "held.st",
+    )
+    assert status == 0, err
+    assert "on the 120 prompt pairs it was fitted on, 1.000 on 30 held out" in out, out
+    assert tdsteer.Condition.load(root / "held.st").metadata["held_out"] == 30
     # of several layers, the one that separates best (the first of equals)
     several = ["--model", model, "--layers", "0:4", "--read", "mean", "--device", "cpu", "--no-progress"]
     status, out, err = _run(
@@ -79,6 +96,7 @@ def test_condition_options_are_checked_before_the_model_loads(
     for extra, words in (
         (["--read", "all"], "use --read last or --read mean"),
         (["--method", "pca_diff"], "drop --method pca_diff"),
+        (["--held-out", "1"], "--held-out is a share of the pairs"),
     ):
         status, _, err = _run(capsys, *base, "--condition", *extra)
         assert status == 2 and err.count("\n") == 1 and words in err, err

@@ -130,6 +130,8 @@ def test_bad_conditions_are_refused() -> None:
         tdsteer.Condition({"a": v}, 0.1, read="all")
     with pytest.raises(ValueError, match="threshold must be finite"):
         tdsteer.Condition({"a": v}, float("nan"))
+    with pytest.raises(ValueError, match="is a module's input"):
+        tdsteer.Condition({tdsteer.Site("transformer.h.1", io="input"): v}, 0.1)
 
 
 def test_fit_learns_when_a_review_is_negative_on_the_demo_model() -> None:

@@ -83,6 +83,11 @@ class Condition:
                 f"A Condition reads one site, got {len(items)} ({keys}); pick one with vector.select([site])"
             )
         site, direction = items[0]
+        if site.io != "output":
+            raise ValueError(
+                f"A condition reads a module's output, but site {site.key!r} is a module's input; use the output "
+                "site of the module before it (tdsteer_hf.sites(..., kind='resid_post'))"
+            )
         if not isinstance(direction, Tensor) or direction.ndim != 1:
             raise ValueError(f"The condition direction at {site.key!r} must be a [C] tensor, got {direction!r:.60}")
         if not bool(torch.isfinite(direction).all()) or not bool(direction.abs().sum() > 0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import tdsteer
@@ -13,6 +12,7 @@ from tdsteer.aggregators import METHODS
 from tdsteer.cli import CLIError, Command, output_file, parse_device, parse_layers, positive_int, save_extracted
 from tdsteer.cli.command import SUMMARIES
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
+from tdsteer_hf.cli.conditions import add_condition_options, check_condition_options, fit_condition
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.data import contrastive_batches
 from tdsteer_hf.pair_files import read_pairs
@@ -54,15 +54,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
-    parser.add_argument(
-        "--condition",
-        action="store_true",
-        help=(
-            "fit a condition for conditional steering instead (tdsteer.Condition.fit: positive texts are the "
-            "prompts that should trigger it, negative ones those that should not; --read last or mean; of several "
-            "--layers, the one that separates best); use it with tdsteer generate --condition"
-        ),
-    )
+    add_condition_options(parser)
     parser.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
 
 
@@ -72,42 +64,13 @@ def _run(args: argparse.Namespace) -> int:
         positive_int("--max-length", args.max_length)
     layers = parse_layers(args.layers)  # everything the user gave is checked before the model loads
     if args.condition:
-        _check_condition_options(args, layers)
+        check_condition_options(args)
     output_file(args.output)
     parse_device(args.device)
     records = read_pairs(args.pairs)
     # Under torchrun each rank reads its shard of the pairs; the states are all-reduced once.
     with parallel.process_group():
         return _extract(args, records, layers)
-
-
-def _check_condition_options(args: argparse.Namespace, layers: list[Any] | None) -> None:
-    if args.read not in ("last", "mean"):
-        raise CLIError(f"--condition reads one row per prompt: use --read last or --read mean, not {args.read!r}")
-    if args.method != "mean_diff":
-        raise CLIError(f"--condition fits a mean difference and a threshold; drop --method {args.method}")
-    if parallel.launched():
-        raise CLIError("--condition fits in one process: run it without torchrun")
-
-
-def _fit_condition(args: argparse.Namespace, model: Any, batches: Any, sites: list[Any], layers: list[int]) -> int:
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    condition = tdsteer.Condition.fit(model, batches, sites, read=args.read, progress=progress)
-    layer = layers[[site.key for site in sites].index(condition.site.key)]
-    condition.metadata.update(
-        model_name=args.model, site_kind=args.kind, layers=[layer], data_file=str(args.pairs), read=args.read
-    )
-    path = condition.save(Path(args.output).expanduser())
-    side = ">" if condition.above else "<"
-    if len(sites) > 1:
-        tried = ", ".join(f"{lay}: {acc:.3f}" for lay, acc in zip(layers, condition.accuracies.values(), strict=True))
-        print(f"Balanced accuracy by layer: {tried}")
-    print(
-        f"Fitted condition at {condition.site.key} (layer {layer}): cosine {side} {condition.threshold:.4g} "
-        f"(read {args.read}), balanced accuracy {condition.accuracy:.3f} on "
-        f"{condition.metadata.get('num_examples')} prompt pairs -> {path}"
-    )
-    return 0
 
 
 def _batches(args: argparse.Namespace, tokenizer: Any, records: list[Any], limit: object) -> Any:
@@ -143,14 +106,14 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
     with transformers_console():
         tokenizer = load_tokenizer(args.model)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if args.condition:
+        return fit_condition(args, model, lambda part: _batches(args, tokenizer, part, limit), records, sites, indices)
     failure: Exception | None = None
     try:  # a shard's own problem (a bad record, a long text) must fail every rank, not leave them waiting
         batches = _batches(args, tokenizer, parallel.shard(records), limit)
     except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
         failure, batches = error, []
     parallel.agree(failure)
-    if args.condition:
-        return _fit_condition(args, model, batches, sites, indices)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
