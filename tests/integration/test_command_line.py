@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import tdsteer
 import tdsteer.cli
@@ -152,3 +153,17 @@ def test_python_dash_m() -> None:
         [sys.executable, "-m", "tdsteer", "--version"], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("tdsteer "), done.stderr
+
+
+def test_a_process_group_left_open_is_left_when_the_command_ends(tmp_path: Path) -> None:
+    """Libraries that a command runs under a launcher (accelerate, lm-eval) join a process group and
+    leave it open; the program leaves it, so that no rank tears its threads down at interpreter exit."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        path = tdsteer.SteeringVector({"blocks.1": torch.ones(4)}).save(tmp_path / "v.safetensors")
+        assert main(["info", "--vector", str(path)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -97,6 +97,23 @@ def process_group(backend: str | None = None, *, timeout_s: float = 1800.0) -> I
         dist.destroy_process_group()
 
 
+def leave_process_group(*, wait: bool) -> None:
+    """Leave the default process group that a library (accelerate, lm-eval) joined for this process
+    and left open; nothing when there is none.
+
+    Without it, each rank tears its communication threads down at interpreter exit, where one rank
+    can abort ("terminate called without an active exception") while another still talks to it.
+
+    Args:
+        wait: Meet every rank at a barrier first (when this rank finished its work normally).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def shard(items: Sequence[T], group: Any = None) -> list[T]:
     """This rank's share of ``items``: every ``world``-th item from index ``rank`` (all of them alone).
 

@@ -132,6 +132,15 @@ def dispatch(argv: Sequence[str], commands: dict[str, Command] | None = None) ->
     return (command or commands[args.command].resolve()).run(args)
 
 
+def _leave_process_group(*, wait: bool) -> None:
+    """Under a launcher, leave the process group a command's libraries joined and left open."""
+    if "torch.distributed" not in sys.modules:
+        return  # no command loaded torch: there is no group
+    from tdsteer.distributed import leave_process_group  # imports torch, which is loaded already
+
+    leave_process_group(wait=wait)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tdsteer``.
 
@@ -150,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in arguments or "--traceback" in arguments
     try:
         with console():
-            return dispatch(arguments)
+            status = dispatch(arguments)
+        _leave_process_group(wait=status == 0)
+        return status
     except SystemExit as exit_:  # argparse: --help, --version, usage errors
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else USAGE_ERROR)
