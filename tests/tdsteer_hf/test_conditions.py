@@ -223,3 +223,15 @@ def test_nested_contexts_make_rules(model: torch.nn.Module) -> None:
             steered = model(**inputs, output_hidden_states=True).hidden_states[2]
     rows = met.float().view(-1, 1, 1)
     torch.testing.assert_close(steered, plain + rows * 2.0 * v1 + (1 - rows) * 3.0 * v2, atol=1e-6, rtol=0)
+
+
+def test_a_new_threshold_applies_from_the_next_sequence(model: torch.nn.Module) -> None:
+    inputs = _inputs()
+    condition, met = _condition_splitting_rows(model, inputs)
+    handle = tdsteer.steer(model, {"transformer.h.1": torch.ones(HIDDEN)}, condition=condition)
+    with torch.no_grad(), handle:
+        model(**inputs)
+        assert torch.equal(handle.condition_met, met)
+        condition.threshold = -1.5  # a cosine is at least -1: every row
+        model(**inputs)
+        assert bool(handle.condition_met.all())
