@@ -84,7 +84,9 @@ step bench-bf16 120 "$python" "${bench[@]}" --dtype bfloat16 --skip extract comp
     --out "$results/steering-$device-bf16.json"
 step bench-compiled 150 "$python" "${bench[@]}" --dtype bfloat16 --skip forward generate extract contexts memory \
     --out "$results/steering-$device-compiled.json"
-step cuda-tests 150 env TDSTEER_TEST_DEVICE="$device" "$python" -m pytest -q -p no:cacheprovider -n 8 \
+parallel=()
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)  # pytest-xdist: the test files over 8 processes
+step cuda-tests 150 env TDSTEER_TEST_DEVICE="$device" "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
     tests/tdsteer tests/tdsteer_hf --junitxml="$results/cuda-tests.xml"
 
 if ((${#failed[@]})); then
