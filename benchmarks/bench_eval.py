@@ -9,7 +9,8 @@ processes does not inflate:
 
 * (a) one ``lm_eval.simple_evaluate`` of ``HFLM`` (unsteered) against ``SteeredLM`` steering every
   layer at scale 4, with ``positions="all"`` and ``"continuation"`` (per-row starts: tdsteer's own
-  scoring loop). Cases alternate round by round; the table gives the median of each and its ratio
+  scoring loop), and against lm-eval's own ``steered`` model with the same vector (checked to give
+  the same scores as ``positions="all"``). Cases alternate round by round; the table gives the median of each and its ratio
   to the unsteered run (target <= 1.05x). lm-eval's environment report (``pip list``, about a second
   per evaluation) is collected once before timing, so that it does not hide the steering's cost.
 * (b) ``tdsteer_eval.run_sweep`` over five scales (one model load, one environment report, results
@@ -35,6 +36,7 @@ from typing import Any
 
 import lm_eval
 import torch
+from lm_eval.models.hf_steered import SteeredModel
 from lm_eval.models.huggingface import HFLM
 
 import tdsteer
@@ -89,6 +91,15 @@ def evaluate(lm: Any, manager: Any, limit: int) -> dict[str, Any]:
     return results
 
 
+def _same_metrics(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether every numeric metric of every task agrees to 1e-6 (relative)."""
+    for task, values in ours.items():
+        for key, value in values.items():
+            if isinstance(value, float) and abs(value - theirs[task][key]) > 1e-6 * max(1.0, abs(value)):
+                return False
+    return True
+
+
 def steered_vs_plain(args: argparse.Namespace, folder: Path, manager: Any) -> dict[str, Any]:
     common: dict[str, Any] = {
         "pretrained": str(folder / "model"),
@@ -97,16 +108,26 @@ def steered_vs_plain(args: argparse.Namespace, folder: Path, manager: Any) -> di
         "batch_size": args.batch_size,
     }
     vector = str(folder / "vector.safetensors")
+    # lm-eval's own steered model, with the same vector exported to its .pt format (GPT-2's hookpoints
+    # are named relative to model.base_model, "transformer")
+    exported = tdsteer.SteeringVector.load(vector).to_lm_eval(folder / "vector.pt", scale=4.0, prefix="transformer")
     cases = {
         "unsteered (HFLM)": HFLM(**common),
         "steered, positions=all": SteeredLM(**common, vector=vector, scale=4.0),
         "steered, positions=continuation": SteeredLM(**common, vector=vector, scale=4.0, positions="continuation"),
+        "lm-eval's steered model (same vector)": SteeredModel(**common, steer_path=str(exported)),
     }
     wall: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
+    metrics = {}
     for name in names:  # warm-up: first-call costs (dataset caches, jinja templates) out of the timing
-        evaluate(cases[name], manager, args.limit)
+        metrics[name] = evaluate(cases[name], manager, args.limit)["results"]
+    # both steer every position with the same vector: the same scores
+    same = _same_metrics(metrics["steered, positions=all"], metrics["lm-eval's steered model (same vector)"])
+    print(f"check: tdsteer's SteeredLM and lm-eval's steered model score alike: {'ok' if same else 'FAIL'}")
+    if not same:
+        raise SystemExit("SteeredLM (positions=all) and lm-eval's steered model disagree")
     for round_number in range(args.rounds):
         for name in names[round_number % len(names) :] + names[: round_number % len(names)]:
             with timed() as clock:
