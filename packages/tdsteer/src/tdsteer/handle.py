@@ -15,7 +15,8 @@ from tdsteer.operators import Operator, Scale
 from tdsteer.policies import PositionPolicy, PositionsLike
 from tdsteer.positions import check_starts
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
-from tdsteer.steering import SteeringVectors, check_scale
+from tdsteer.steering import SteeringVectors
+from tdsteer.steering_inputs import check_scale
 from tdsteer.vector import SteeringVector
 
 _UNSET: Any = object()

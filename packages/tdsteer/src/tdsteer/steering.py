@@ -9,10 +9,8 @@ opening a context cheap). Either way the hooks are plain PyTorch hooks that call
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +29,7 @@ from tdsteer.policies import PositionPolicy, PositionsLike, as_policy
 from tdsteer.positions import PositionTracker
 from tdsteer.sites import Site, SiteLike, as_sites
 from tdsteer.steerer import SiteSteerer
+from tdsteer.steering_inputs import check_scale, check_vector
 
 
 class SteeringVectors(HookingContextFactory):
@@ -222,7 +221,7 @@ class SteeringVectors(HookingContextFactory):
             old = self._vectors[key]
             if old is None:
                 raise ValueError("This context steers with a steer_fn: it has no vectors to replace")
-            _check_vector(key, vector)
+            check_vector(key, vector)
             if vector.ndim != old.ndim or vector.shape[-1] != old.shape[-1]:
                 raise ValueError(
                     f"Vector for site {key!r} must be shaped like the one it replaces ({tuple(old.shape)}), "
@@ -243,7 +242,7 @@ class SteeringVectors(HookingContextFactory):
                 raise ValueError(f"Got {len(items)} vectors for {len(self.sites)} sites")
             matched = dict(zip(self._site_keys, items, strict=True))
         for key, vector in matched.items():
-            _check_vector(key, vector)
+            check_vector(key, vector)
         return dict(matched)
 
     # -- installing ---------------------------------------------------------------------------------
@@ -392,67 +391,9 @@ def _tdhook_steer_fn(steer_fn: Callable[..., Tensor], key: str) -> Callable[[Ten
     return fn
 
 
-def check_scale(scale: Scale) -> Scale:
-    """A valid scale: a finite float, or a finite 1-D tensor (one value per batch row), detached.
-
-    Raises:
-        TypeError: Not a number or a tensor.
-        ValueError: NaN or infinite values, or a tensor with more than one dimension.
-
-    Examples:
-        >>> check_scale(2)
-        2.0
-        >>> check_scale(float("nan"))
-        Traceback (most recent call last):
-        ...
-        ValueError: scale must be finite, got nan
-    """
-    if isinstance(scale, Tensor):
-        if scale.ndim > 1:
-            raise ValueError(f"scale must be a float or a 1-D tensor with one value per batch row, got {scale.shape}")
-        if not bool(torch.isfinite(scale).all()):
-            raise ValueError("scale contains NaN or infinite values")
-        return scale.detach()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or a tensor, got {type(scale).__name__}")
-    value = float(scale)
-    if not math.isfinite(value):
-        raise ValueError(f"scale must be finite, got {value}")
-    return value
-
-
-# (id(tensor), weak reference, in-place version) of the vectors already checked for NaN: re-opening a
-# context with the same tensors skips the check, which reads the whole tensor
-_FINITE: dict[int, tuple[weakref.ref[Tensor], int]] = {}
-
-
-def _check_vector(key: str, vector: Any) -> None:
-    if not isinstance(vector, Tensor) or vector.ndim not in (1, 2):
-        raise ValueError(f"Vector for site {key!r} must be a tensor [C] or [L, C], got {_describe(vector)}")
-    seen = _FINITE.get(id(vector))
-    if seen is not None and seen[0]() is vector and seen[1] == vector._version:
-        return
-    if not bool(torch.isfinite(vector).all()):
-        raise ValueError(f"Vector for site {key!r} contains NaN or infinite values")
-    _FINITE[id(vector)] = (weakref.ref(vector, _forget(id(vector))), vector._version)
-
-
-def _forget(ident: int) -> Callable[[weakref.ref[Tensor]], None]:
-    def callback(_: weakref.ref[Tensor]) -> None:
-        _FINITE.pop(ident, None)
-
-    return callback
-
-
 def _key(site: Any) -> Any:
     """The key of a site given as a :class:`Site` or a path (a path is its own key)."""
     return site.key if isinstance(site, Site) else site
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 _warned_hook_guards = False
