@@ -91,6 +91,11 @@ def evaluate(lm: Any, manager: Any, limit: int) -> dict[str, Any]:
     return results
 
 
+def _model_args(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The ``HFLM`` arguments every case shares: the saved model, on the CPU, in float32."""
+    return {"pretrained": str(folder / "model"), "device": "cpu", "dtype": "float32", "batch_size": args.batch_size}
+
+
 def _same_metrics(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
     """Whether every numeric metric of every task agrees to 1e-6 (relative)."""
     for task, values in ours.items():
@@ -101,12 +106,7 @@ def _same_metrics(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
 
 
 def steered_vs_plain(args: argparse.Namespace, folder: Path, manager: Any) -> dict[str, Any]:
-    common: dict[str, Any] = {
-        "pretrained": str(folder / "model"),
-        "device": "cpu",
-        "dtype": "float32",
-        "batch_size": args.batch_size,
-    }
+    common = _model_args(args, folder)
     vector = str(folder / "vector.safetensors")
     # lm-eval's own steered model, with the same vector exported to its .pt format (GPT-2's hookpoints
     # are named relative to model.base_model, "transformer")
@@ -147,12 +147,7 @@ def steered_vs_plain(args: argparse.Namespace, folder: Path, manager: Any) -> di
 
 
 def sweep_vs_separate(args: argparse.Namespace, folder: Path, manager: Any) -> dict[str, Any]:
-    common: dict[str, Any] = {
-        "pretrained": str(folder / "model"),
-        "device": "cpu",
-        "dtype": "float32",
-        "batch_size": args.batch_size,
-    }
+    common = _model_args(args, folder)
     vector = str(folder / "vector.safetensors")
     with timed() as separate:
         # what five `tdsteer eval run` invocations do, minus the interpreter start: each builds its task

@@ -34,6 +34,7 @@ from tdsteer.vector import SteeringVector
 
 #: The metadata entry of a condition file that holds its rule.
 CONDITION_KEY = "condition"
+CPU = torch.device("cpu")
 
 
 class Condition:
@@ -233,30 +234,12 @@ class Condition:
             >>> condition.accuracy
             1.0
         """
-        kept: list[_KeepRows] = []
-
-        def keep_rows() -> _KeepRows:  # extract makes one aggregator per site, in site order
-            kept.append(_KeepRows())
-            return kept[-1]
-
-        vector = extract(
-            model,
-            batches,
-            sites,
-            method=keep_rows,
-            read=read,
-            keys=keys,
-            progress=progress,
-            device=device,
-            distributed=False,
-        )
+        vector, kept = _read_prompts(model, batches, sites, read, keys=keys, progress=progress, device=device)
         vector.metadata["method"] = "mean_diff"
         fitted = []
         for key, rows in zip(vector.keys(), kept, strict=True):
             condition = cls(vector.select([key]), 0.0, read=read)
-            unit = condition._unit_on(torch.device("cpu"))
-            positive, negative = (cosine(torch.cat(part).cpu(), unit) for part in (rows.positive, rows.negative))
-            condition.threshold, condition.accuracy = best_threshold(positive, negative)
+            condition.threshold, condition.accuracy = best_threshold(*rows.scores(condition._unit_on(CPU)))
             fitted.append(condition)
         best = max(fitted, key=lambda c: c.accuracy or 0.0)  # max keeps the first of equals
         best.accuracies = {c.site.key: c.accuracy or 0.0 for c in fitted}
@@ -293,21 +276,28 @@ class Condition:
             >>> condition.evaluate(model, batches, progress=False)  # one of two positives, both negatives
             0.75
         """
-        rows = _KeepRows()
-        extract(
-            model,
-            batches,
-            [self.site],
-            method=lambda: rows,
-            read=self.read,
-            keys=keys,
-            progress=progress,
-            device=device,
-            distributed=False,
-        )
-        unit = self._unit_on(torch.device("cpu"))
-        positive, negative = (self.met(cosine(torch.cat(part).cpu(), unit)) for part in (rows.positive, rows.negative))
+        _, (rows,) = _read_prompts(model, batches, [self.site], self.read, keys=keys, progress=progress, device=device)
+        positive, negative = (self.met(scores) for scores in rows.scores(self._unit_on(CPU)))
         return float((positive.float().mean() + (~negative).float().mean()) / 2)
+
+
+def _read_prompts(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    sites: SiteLike | Sequence[SiteLike],
+    read: str,
+    **options: Any,
+) -> tuple[SteeringVector, list[_KeepRows]]:
+    """One pass of :func:`tdsteer.extract` that keeps every prompt's reading: the mean-difference
+    vector, and the readings of each site in site order."""
+    kept: list[_KeepRows] = []
+
+    def keep_rows() -> _KeepRows:  # extract makes one aggregator per site, in site order
+        kept.append(_KeepRows())
+        return kept[-1]
+
+    vector = extract(model, batches, sites, method=keep_rows, read=read, distributed=False, **options)
+    return vector, kept
 
 
 def cosine(rows: Tensor, unit: Tensor) -> Tensor:
@@ -363,6 +353,10 @@ class _KeepRows(Aggregator):
             raise ValueError("Condition.fit needs one reading per prompt: use read='mean' or 'last'")
         self.positive.append(pos.detach().to(torch.float64))
         self.negative.append(neg.detach().to(torch.float64))
+
+    def scores(self, unit: Tensor) -> tuple[Tensor, Tensor]:
+        """The cosine similarities of the positive and of the negative readings with ``unit`` (on the CPU)."""
+        return cosine(torch.cat(self.positive).cpu(), unit), cosine(torch.cat(self.negative).cpu(), unit)
 
     def all_reduce(self, group: Any = None) -> None:
         raise NotImplementedError("Condition.fit runs in one process")

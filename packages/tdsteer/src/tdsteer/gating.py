@@ -43,13 +43,15 @@ class ConditionGate:
         self._warned = False
         self.decisions = 0
 
-    def install(self, installation: Installation, root: nn.Module) -> Callable[[], None]:
-        """Add the read hook on the condition site; returns what adds the root hook that starts each
-        call (to add after the position tracker's own)."""
+    def add_read_hook(self, installation: Installation, root: nn.Module) -> None:
+        """Hook the condition site (before the context's steering hooks, so it reads the unsteered output)."""
         site = self.condition.site
         installation.add_hook(resolve(root, site), self._read_hook(), path=site.path)
         self.decisions = 0
-        return lambda: installation.add_hook(root, self._begin_hook(), path="", pre=True, first=False)
+
+    def add_begin_hook(self, installation: Installation, root: nn.Module) -> None:
+        """Hook the start of every call (after the position tracker's own, whose call position it reads)."""
+        installation.add_hook(root, self._begin_hook(), path="", pre=True, first=False)
 
     def _begin_hook(self) -> Callable[..., None]:
         def begin(module: nn.Module, args: Any, kwargs: Any) -> None:

@@ -294,15 +294,16 @@ class SteeringVectors(HookingContextFactory):
                 self._steerers[key] = steerer
                 self._hooks.append(_input_hook(site, steerer) if site.io == "input" else _output_hook(site, steerer))
             self._root_hooks = (_observe_hook(self.tracker), _end_hook(self.tracker))
-        add_begin = None if self.gate is None else self.gate.install(installation, root)  # reads before steering
+        if self.gate is not None:
+            self.gate.add_read_hook(installation, root)
         for site, steerer, hook, module in zip(self.sites, self._steerers.values(), self._hooks, modules, strict=True):
             steerer.calls = 0
             installation.add_hook(module, hook, path=site.path, pre=site.io == "input")
         if needs_positions:
             observe, end = self._root_hooks
             installation.add_hook(root, observe, path="", pre=True, first=False)
-            if add_begin is not None:
-                add_begin()
+            if self.gate is not None:
+                self.gate.add_begin_hook(installation, root)
             installation.add_hook(root, end, path="", first=False)
             installation.add_generate(self.tracker)
 

@@ -4,7 +4,6 @@ from a pairs file whose positive texts should trigger it, and save it."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,9 +69,10 @@ def fit_condition(
     records: list[Any],
     sites: list[Any],
     layers: list[int],
+    *,
+    progress: bool,
 ) -> int:
     """Fit the condition (at the best of ``sites``), measure it on the held-out pairs, save it, and say so."""
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     fit_on, held_out = split_held_out(records, args.held_out) if args.held_out else (records, [])
     condition = tdsteer.Condition.fit(model, batches_of(fit_on), sites, read=args.read, progress=progress)
     layer = layers[[site.key for site in sites].index(condition.site.key)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import tdsteer
@@ -106,15 +107,16 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
     with transformers_console():
         tokenizer = load_tokenizer(args.model)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.condition:
-        return fit_condition(args, model, lambda part: _batches(args, tokenizer, part, limit), records, sites, indices)
+        batches_of = partial(_batches, args, tokenizer, limit=limit)
+        return fit_condition(args, model, batches_of, records, sites, indices, progress=progress)
     failure: Exception | None = None
     try:  # a shard's own problem (a bad record, a long text) must fail every rank, not leave them waiting
         batches = _batches(args, tokenizer, parallel.shard(records), limit)
     except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
         failure, batches = error, []
     parallel.agree(failure)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     vector = tdsteer.extract(
         model, batches, sites, method=args.method, read=args.read, progress=progress, model_name=args.model
     )
