@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import tdsteer
 import tdsteer.cli
+import tdsteer_eval
 from tdsteer._lazy import type_checking_imports
 from tdsteer.cli import CLIError, command, main, program
 from tdsteer.cli.info import COMMAND as INFO
@@ -75,11 +76,11 @@ def test_a_broken_command_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
         program.dispatch(["extract", "--help"], {"extract": broken})
 
 
-def _modules_after(*argv: str) -> set[str]:
+def _modules_after(*argv: str, entry: str = "tdsteer.cli") -> set[str]:
     """The heavy modules imported by a fresh interpreter that runs ``tdsteer ARGV`` in-process."""
     code = (
         "import sys\n"
-        "from tdsteer.cli import main\n"
+        f"from {entry} import main\n"
         f"status = main({list(argv)!r})\n"
         "heavy = ('torch', 'tensordict', 'transformers', 'lm_eval', 'timm')\n"
         "print('imported:', *(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
@@ -95,12 +96,22 @@ def test_help_and_version_import_no_command() -> None:
     assert _modules_after("--version") == set()
 
 
+def test_the_eval_alias_starts_without_lm_eval_models() -> None:
+    """``tdsteer-eval --help`` loads lm-eval's registry only: the ``tdsteer`` model is registered by name."""
+    assert _modules_after("--help", entry="tdsteer_eval.cli") <= {"lm_eval"}
+    code = "import sys, tdsteer_eval; print(sorted(m for m in ('torch', 'lm_eval.api.model') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_commands_help_imports_only_that_command() -> None:
     assert not {"transformers", "lm_eval", "timm"} & _modules_after("info", "--help")
     assert not {"lm_eval", "timm"} & _modules_after("extract", "--help")
 
 
-@pytest.mark.parametrize("package", [tdsteer, tdsteer.cli], ids=["tdsteer", "tdsteer.cli"])
+@pytest.mark.parametrize(
+    "package", [tdsteer, tdsteer.cli, tdsteer_eval], ids=["tdsteer", "tdsteer.cli", "tdsteer_eval"]
+)
 def test_lazy_roots_export_what_they_type(package: ModuleType) -> None:
     """Each public name resolves on first use, from the imports the package shows to type checkers."""
     typed = set(type_checking_imports(package.__name__, str(package.__file__)))
