@@ -67,12 +67,15 @@ def bench_compiled(
 
     steer_all = tdsteer.steer(model, every, scale=scale)
     steer_generated = tdsteer.steer(model, every, scale=scale, positions="generated")
+    # a condition every row meets (decided in the eager prompt pass): the compiled steps read its gate
+    steer_gated = tdsteer.steer(model, every, scale=scale, positions="generated", condition=ctx["condition"])
     cases: dict[str, tuple[ContextFactory, Any]] = {
         "eager plain": (contextlib.nullcontext, generate(False)),
         f"eager tdsteer {ctx['layers']} layers": (lambda: steer_all, generate(False)),
         "compiled plain": (contextlib.nullcontext, generate(True)),
         f"compiled tdsteer {ctx['layers']} layers": (lambda: steer_all, generate(True)),
         f"compiled tdsteer {ctx['layers']} layers generated": (lambda: steer_generated, generate(True)),
+        f"compiled tdsteer {ctx['layers']} layers generated, condition": (lambda: steer_gated, generate(True)),
     }
     checks: dict[str, Any] = {}
     counters.clear()
@@ -87,6 +90,12 @@ def bench_compiled(
     _check_equal(checks, f"compiled {steered} == eager", outputs[f"compiled {steered}"], outputs[f"eager {steered}"])
     _check_equal(
         checks, f"compiled {steered} generated == eager", outputs[f"compiled {steered} generated"], eager_generated
+    )
+    _check_equal(
+        checks,
+        f"compiled {steered} generated, condition met by every row == eager without one",
+        outputs[f"compiled {steered} generated, condition"],
+        eager_generated,
     )
     changed = not torch.equal(outputs[f"compiled {steered}"].sequences, outputs["compiled plain"].sequences)
     checks["compiled: steering changed the generated tokens"] = {"ok": changed}

@@ -147,3 +147,25 @@ def test_a_stale_compiled_graph_is_warned_about(toy_lm: ToyLM, monkeypatch: pyte
             tdsteer.steer(toy_lm, vectors()),
         ):
             pass
+
+
+def test_conditional_steering_compiled_equals_eager(toy_lm: ToyLM) -> None:
+    """A condition decided inside the compiled graph: per row, the eager result; a batch whose rows meet
+    it the other way round, or a new scale, recompiles nothing."""
+    hidden = toy_lm.blocks[0](toy_lm.embed(IDS))[0]
+    direction = hidden[0].mean(0) - hidden[1].mean(0)
+    condition = tdsteer.Condition({"blocks.0": direction}, threshold=0.0, read="mean")
+    compiled = torch.compile(toy_lm, backend=BACKEND, fullgraph=True)
+    steered = {f"blocks.{i}": v for i, v in zip((1, 2), vectors().values(), strict=True)}
+    handle = tdsteer.steer(toy_lm, steered, scale=2.0, condition=condition)
+    with handle:
+        for ids, scale in ((IDS, 2.0), (IDS.flip(0), 2.0), (IDS, -3.0)):
+            handle.set(scale=scale)
+            want, met = toy_lm(ids), handle.condition_met
+            torch.testing.assert_close(compiled(ids), want, rtol=1e-5, atol=1e-5)
+            assert met is not None and torch.equal(handle.condition_met, met)
+            assert met.tolist() == ([True, False] if ids is IDS else [False, True])
+        assert graphs() == 1
+    plain = toy_lm(IDS)
+    assert torch.equal(want[1], plain[1]) and not torch.allclose(want[0], plain[0])
+    assert breaks() == {}

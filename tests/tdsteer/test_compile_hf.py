@@ -121,3 +121,60 @@ def test_static_cache_compiled_generate_matches_eager(kind: str, positions: str,
     assert not torch.equal(torch.stack(eager.logits), torch.stack(plain.logits))
     assert dict(counters["graph_break"]) == {}
     same(generate(model, backend), plain)  # closed: the compiled decoding is plain again
+
+
+def condition_for(model: Any) -> tdsteer.Condition:
+    """A condition at layer 0 that one row of :func:`inputs` meets and the other does not (a threshold between them)."""
+    path = "transformer.h.0" if hasattr(model, "transformer") else "model.layers.0"
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    condition = tdsteer.Condition({path: direction}, threshold=0.0, read="last")
+    with torch.no_grad():
+        hidden = model(**inputs(), output_hidden_states=True).hidden_states[1][:, -1]
+    scores = condition.score(hidden.unsqueeze(1), None)
+    return tdsteer.Condition({path: direction}, threshold=float(scores.mean()), read="last")
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_conditional_steering_in_compiled_generate(positions: str) -> None:
+    """The condition is decided in the prompt pass, and the compiled decoding steps steer only the rows
+    that met it: the tokens and logits of eager conditional steering; a new scale recompiles nothing."""
+    model = tiny("gpt2")
+    condition = condition_for(model)  # after it, transformers' own recording hooks are on the model
+    hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    plain = generate(model, None)
+    handle = tdsteer.steer(model, vector(model), scale=6.0, positions=positions, condition=condition)
+    with handle:
+        eager = generate(model, None)
+        met = handle.condition_met
+        same(generate(model, "aot_eager"), eager)
+        assert torch.equal(handle.condition_met, met)
+        graphs = counters["stats"]["unique_graphs"]
+        handle.set(scale=-6.0)
+        eager = generate(model, None)
+        same(generate(model, "aot_eager"), eager)
+        assert counters["stats"]["unique_graphs"] == graphs, "handle.set(scale=...) recompiled"
+    assert met is not None and sorted(met.tolist()) == [False, True]
+    steered, unsteered = int(met.int().argmax()), int(met.int().argmin())
+    logits, plain_logits = torch.stack(eager.logits), torch.stack(plain.logits)
+    assert not torch.allclose(logits[:, steered], plain_logits[:, steered])
+    torch.testing.assert_close(logits[:, unsteered], plain_logits[:, unsteered], rtol=1e-5, atol=1e-5)
+    assert dict(counters["graph_break"]) == {}
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == hooks_before
+
+
+def test_conditional_steering_in_a_compiled_model() -> None:
+    """``torch.compile(model)`` decides the condition inside the graph: eager results per row, for
+    inputs that meet it in other rows, without recompiling."""
+    model = tiny("llama")
+    condition = condition_for(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    flipped = {key: value.flip(0) for key, value in inputs().items()}
+    handle = tdsteer.steer(model, vector(model), scale=6.0, condition=condition)
+    with handle:
+        for batch in (inputs(), flipped, inputs()):
+            want, met = model(**batch).logits, handle.condition_met
+            torch.testing.assert_close(compiled(**batch).logits, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(handle.condition_met, met)
+        assert counters["stats"]["unique_graphs"] == 1
+    assert met is not None and sorted(met.tolist()) == [False, True]
+    assert dict(counters["graph_break"]) == {}

@@ -42,16 +42,19 @@ class ConditionGate:
         self._combined: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self._warned = False
         self.decisions = 0
+        # made once: the same hook functions on every entry, so that a compiled graph is reused
+        self._read = self._read_hook()
+        self._begin = self._begin_hook()
 
     def add_read_hook(self, installation: Installation, root: nn.Module) -> None:
         """Hook the condition site (before the context's steering hooks, so it reads the unsteered output)."""
         site = self.condition.site
-        installation.add_hook(resolve(root, site), self._read_hook(), path=site.path)
+        installation.add_hook(resolve(root, site), self._read, path=site.path)
         self.decisions = 0
 
     def add_begin_hook(self, installation: Installation, root: nn.Module) -> None:
         """Hook the start of every call (after the position tracker's own, whose call position it reads)."""
-        installation.add_hook(root, self._begin_hook(), path="", pre=True, first=False)
+        installation.add_hook(root, self._begin, path="", pre=True, first=False)
 
     def _begin_hook(self) -> Callable[..., None]:
         def begin(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -78,7 +81,8 @@ class ConditionGate:
             self._set(self.condition.met(scores), scores)
             self._deciding = False
             self._sequence = self.tracker.prompt_tensor
-            self.decisions += 1
+            if not torch.compiler.is_compiling():  # an int a graph would guard on; counted for report() only
+                self.decisions += 1
 
         return read
 
@@ -89,6 +93,12 @@ class ConditionGate:
         mask = tracker.attention_mask
         if mask is not None and mask.shape[1] != length:
             mask = mask[:, -length:]
+        if torch.compiler.is_compiling():
+            starts = None if tracker.starts is None else tracker.starts.to(x.device)
+            if starts is None:
+                return mask
+            within = tracker.traced_positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
+            return within if mask is None else within & mask.to(x.device).bool()
         starts = tracker.row_starts(x.device)
         if starts is None:
             return mask
@@ -104,6 +114,8 @@ class ConditionGate:
         """``mask`` (``[1 or B, L, 1]`` position weights, or ``None`` for all) restricted to the
         steered rows, built once per call; ``None`` when no row is steered yet."""
         met = self.met
+        if torch.compiler.is_compiling():
+            return self._traced_apply(met, mask, x)
         if met is None:
             if self._deciding and not self._warned:
                 self._warned = True
@@ -133,6 +145,14 @@ class ConditionGate:
         combined = mask * weights
         self._combined[device_dtype] = (mask, combined)
         return combined
+
+    @staticmethod
+    def _traced_apply(met: Tensor | None, mask: Tensor | None, x: Tensor) -> Tensor | None:
+        """:meth:`apply` as a compiled graph runs it: the same weights, with no Python-side cache."""
+        if met is None:
+            return None
+        weights = met.to(x.device, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        return weights if mask is None else mask * weights
 
     def report(self) -> None:
         """On exit: warn when calls started sequences but the condition site never read one."""

@@ -204,10 +204,6 @@ class SiteSteerer:
         """What a compiled graph runs: the eager result, from tensors only, with no Python-side cache."""
         owner = self.owner
         owner.traced = True
-        if owner.gate is not None:
-            raise RuntimeError(
-                "Conditional steering runs eagerly: steer the model itself, not a torch.compile'd one, with a condition"
-            )
         policy = owner.policy
         selects = policy.kind != "all"  # not is_all, which reads from:k's start: the graph would guard on it
         # the scale tensor's shape, not the float: reading a Python float would make the graph guard on its value
@@ -226,6 +222,10 @@ class SiteSteerer:
                 return None
             if isinstance(selected, Tensor):
                 mask = selected.unsqueeze(-1).to(x.dtype)
+        if owner.gate is not None:
+            mask = owner.gate.apply(mask, x, self.site.key)
+            if mask is None:
+                return None
         vector, scale_tensor = self.vector, self.scale_tensor
         if vector is None or scale_tensor is None:  # a tdhook-style steer_fn, which takes no scale
             out = self.operator(x, x.new_zeros(x.shape[-1]), 1.0, mask)
