@@ -20,6 +20,7 @@ from tdsteer.operators import as_operator
 from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_token_policy
 from tdsteer.vector import VectorSource, as_vector, is_lm_eval_file
 from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
+from tdsteer_eval.vectors import describe_condition
 
 #: Position policies of :class:`SteeredLM`: the core's, plus ``"assistant"``.
 POSITIONS = (*POSITION_POLICIES[:-1], "assistant", POSITION_POLICIES[-1])
@@ -327,7 +328,7 @@ class SteeredLM(HFLM):
             tdsteer_positions=self.positions,
             tdsteer_sites=self.vector.keys(),
             tdsteer_vector_method=self.vector.metadata.get("method"),
-            tdsteer_condition=None if self.condition is None else self.condition_source or repr(self.condition),
+            tdsteer_condition=describe_condition(self.condition_source, self.condition),
         )
         return info
 

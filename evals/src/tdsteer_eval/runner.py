@@ -29,7 +29,7 @@ from tdsteer_eval.analysis import item_propensities, metric_rows
 from tdsteer_eval.report import write_report
 from tdsteer_eval.results import Run, SweepFolder
 from tdsteer_eval.task_data import include_paths
-from tdsteer_eval.vectors import describe_vector
+from tdsteer_eval.vectors import describe_condition, describe_vector
 
 VERSIONED = ("tdsteer", "tdsteer-hf", "tdsteer-eval", "lm-eval", "torch", "transformers")
 
@@ -162,15 +162,6 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def _condition_of(lm: Any) -> str | None:
-    """The condition a model's steering is gated by: its file, or its description; ``None`` without one."""
-    condition = getattr(lm, "condition", None)
-    if condition is None:
-        return None
-    source = getattr(lm, "condition_source", None)
-    return str(Path(source).expanduser().resolve()) if source else repr(condition)
-
-
 def provenance_of(lm: Any, tasks: Sequence[str], scales: Sequence[float], options: EvalOptions) -> dict[str, Any]:
     """What a sweep records about where its numbers come from (``date`` is compared apart on resume)."""
     source = getattr(lm, "vector_source", None)
@@ -181,7 +172,7 @@ def provenance_of(lm: Any, tasks: Sequence[str], scales: Sequence[float], option
         "sites": vector.keys(),
         "operator": lm.operator if isinstance(lm.operator, str) else type(lm.operator).__name__,
         "positions": lm.positions,
-        "condition": _condition_of(lm),
+        "condition": describe_condition(getattr(lm, "condition_source", None), getattr(lm, "condition", None)),
         "scales": [float(s) for s in scales],
         "tasks": list(tasks),
         "options": {k: v for k, v in asdict(options).items() if k != "log_samples"},

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tdsteer import SteeringVector
+from tdsteer import Condition, SteeringVector
 from tdsteer.vector import VectorSource, is_lm_eval_file
 
 
@@ -60,3 +60,19 @@ def describe_vector(source: VectorSource, vector: SteeringVector) -> dict[str, A
             path=str(path), sha256=file_sha256(path), format="lm-eval" if is_lm_eval_file(path) else "tdsteer"
         )
     return record
+
+
+def describe_condition(source: str | os.PathLike[str] | None, condition: Condition | None) -> str | None:
+    """The provenance record of a condition: its file's resolved path when it came from one, else its
+    description; ``None`` without a condition.
+
+    Examples:
+        >>> import torch
+        >>> describe_condition(None, None) is None
+        True
+        >>> describe_condition(None, Condition({"h.0": torch.ones(2)}, threshold=0.1)).startswith("Condition(")
+        True
+    """
+    if condition is None:
+        return None
+    return str(Path(source).expanduser().resolve()) if source else repr(condition)

@@ -31,7 +31,7 @@ from tdsteer.vector import as_vector
 from tdsteer_eval.lm import split_sites
 from tdsteer_eval.runner import EvalOptions, task_manager, versions
 from tdsteer_eval.task_data import SHIPPED_TASKS, check_data_file
-from tdsteer_eval.vectors import describe_vector, hidden_sizes
+from tdsteer_eval.vectors import describe_condition, describe_vector, hidden_sizes
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.sites import describe
 
@@ -207,7 +207,7 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
         "sites": plan_vector.keys() if plan_vector is not None else [s.key for s in layer_sites],
         "operator": args.operator,
         "positions": positions,
-        "condition": None if condition is None else str(Path(args.condition).expanduser().resolve()),
+        "condition": describe_condition(args.condition, condition),
         "scales": scales,
         "tasks": tasks,
         "metadata": metadata,
