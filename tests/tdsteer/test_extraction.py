@@ -284,3 +284,53 @@ def test_no_contrast_warns_that_the_direction_is_all_zeros(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         extract(model, different, ["0"], method=method, read=read, progress=False)
+
+
+class _ScalesInPlace(torch.nn.Module):
+    """``inner``'s output is doubled in place after its hook ran, before ``after`` runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+        self.after = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        h *= 2.0
+        return self.after(h)
+
+
+def _last_view(h, ctx):
+    return h[:, -1]  # a view of the activation
+
+
+@pytest.mark.parametrize(
+    ("read", "take"),
+    [("all", lambda x: x.flatten(0, 1)), (_last_view, lambda x: x[:, -1])],
+    ids=["all", "custom-view"],
+)
+def test_a_reading_is_what_the_module_output_not_a_view_changed_later(read, take):
+    torch.manual_seed(0)
+    model = _ScalesInPlace()
+    batch = {"positive": torch.randn(4, 5, 3), "negative": torch.randn(4, 5, 3)}
+    with torch.no_grad():
+        pos, neg = model.inner(batch["positive"]), model.inner(batch["negative"])  # what inner returned
+    vector = extract(model, [batch], ["inner", "after"], read=read, progress=False)
+    torch.testing.assert_close(vector["inner"], take(pos).mean(0) - take(neg).mean(0), atol=1e-6, rtol=1e-5)
+
+
+def test_patch_mean_goes_through_the_attention_mask_after_the_prefix_tokens():
+    """Padded token sequences: the mean over the real tokens after the first ``prefix_tokens`` real
+    ones (the padding and the prefix never enter it); without a mask, every token after the prefix."""
+    h = torch.randn(2, 5, 3)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])  # left and right padding
+    poisoned = h.clone()
+    poisoned[mask == 0] = 1e6
+    for read in ("patch_mean", "spatial_mean"):
+        reader = as_reader(read)
+        got = reader(poisoned, ReadContext(Site("x", prefix_tokens=1), attention_mask=mask))
+        torch.testing.assert_close(got, torch.stack([h[0, 3:].mean(0), h[1, 1:4].mean(0)]))
+        text = reader(poisoned, ReadContext(Site("x"), attention_mask=mask))  # no prefix: read="mean"
+        torch.testing.assert_close(text, as_reader("mean")(h, ReadContext(Site("x"), attention_mask=mask)))
+        unmasked = reader(h, ReadContext(Site("x", prefix_tokens=1)))
+        torch.testing.assert_close(unmasked, h[:, 1:].mean(1))

@@ -20,14 +20,19 @@ from tqdm.auto import tqdm
 from tdsteer import distributed as parallel
 from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.batches import batch_size, digest, to_device
+from tdsteer.hooking import resolve
 from tdsteer.keys import BatchKeys
-from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, check_read, describe_read
+from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, check_read, describe_read, owned
 from tdsteer.sites import Site, SiteLike, as_sites
 from tdsteer.vector import SteeringVector, make_metadata
 
 
 class SiteRecorder(HookingContextFactory):
     """A tdhook context that reads sites during each forward and keeps only what the reader returns.
+
+    A reading that shares memory with the module's output (``read="all"``, a custom reader returning
+    a view) is copied (:func:`tdsteer.reading.owned`), so that an in-place change later in the forward
+    does not reach it; readings that reduce are kept as they are.
 
     Between calls, set :attr:`attention_mask` and :attr:`index` for the coming call; after it,
     :attr:`readings` maps each site key to its reading. With ``stop_early`` the forward stops once
@@ -53,7 +58,7 @@ class SiteRecorder(HookingContextFactory):
         with HookProgramBuilder() as program:
             root = program.resolve_path(module.hook_root, "", relative_path=module.relative_path)
             for site in self.sites:
-                site.module(root)
+                resolve(root, site)  # refuses a path that does not resolve, or a container never called
                 direction = "fwd" if site.io == "output" else "fwd_pre_kwargs"
                 hook = HookFactory.make_reading_hook(callback=self._callback(site), direction=direction)
                 program.register_path(
@@ -77,7 +82,8 @@ class SiteRecorder(HookingContextFactory):
             x = h.detach()
             if site.layout == "NCHW":
                 x = x.movedim(1, -1)
-            self.readings[site.key] = self.reader(x, ReadContext(site, self.attention_mask, self.index))
+            reading = self.reader(x, ReadContext(site, self.attention_mask, self.index))
+            self.readings[site.key] = owned(reading, h)  # a view of h could change later in the forward
             if self.stop_early and len(self.readings) == total:
                 raise EarlyStoppingException(site.key)
 

@@ -5,6 +5,10 @@ for feature maps) into either one row per example, ``[B, C]``, or a :class:`Toke
 real token. Padding never leaks into a read: token readers use the attention mask, and index reads
 count within each row's real tokens (``0`` = first real token, ``-1`` = last real token), whatever
 the padding side.
+
+What extraction and caching keep never shares memory with the activation it was read from
+(:func:`owned`): a module's output may be changed in place later in the same forward (Falcon adds
+the attention output into its MLP output), so a reading that kept a view of it would change with it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ ReaderT = TypeVar("ReaderT", bound=Reader)
 
 def register_reader(name: str) -> Callable[[ReaderT], ReaderT]:
     """Register a reader ``fn(h, ctx) -> [B, C] or TokenReading`` under ``name``.
+
+    A reader may return a view of ``h``: extraction and caching copy what shares memory with the
+    activation (:func:`owned`), so only readers that reduce keep it without a copy.
 
     Examples:
         >>> @register_reader("max")
@@ -143,7 +150,11 @@ def read_mean(h: Tensor, ctx: ReadContext) -> Tensor:
 
 @register_reader("all")
 def read_all(h: Tensor, ctx: ReadContext) -> TokenReading:
-    """Every real token (every spatial position of a feature map)."""
+    """Every real token (every spatial position of a feature map).
+
+    The values may be ``h`` itself (a view); :func:`owned` copies them, as it does any reading that
+    shares memory with the activation.
+    """
     x = _tokens(h, ctx.site)
     return TokenReading(x, _mask(x, ctx))
 
@@ -197,17 +208,64 @@ def read_cls(h: Tensor, ctx: ReadContext) -> Tensor:
 
 @register_reader("patch_mean")
 def read_patch_mean(h: Tensor, ctx: ReadContext) -> Tensor:
-    """The mean over patch tokens, after the site's prefix tokens; spatial mean for feature maps."""
+    """The mean over patch tokens, after the site's prefix tokens; spatial mean for feature maps.
+
+    Through the attention mask when the inputs carry one (text, or padded patch sequences): the mean
+    over the real tokens after the first ``prefix_tokens`` real ones, so padding never enters it. A
+    text model's sites have no prefix tokens, where this is ``read="mean"``.
+    """
     if h.ndim == 4:
         return h.mean(dim=(1, 2))
     x = _tokens(h, ctx.site)
-    return x[:, ctx.site.prefix_tokens :].mean(1)
+    prefix = ctx.site.prefix_tokens
+    if ctx.attention_mask is None:  # image models: every token is real
+        return x[:, prefix:].mean(1)
+    mask = _mask(x, ctx)
+    if prefix:
+        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) - _bounds(mask)[0].unsqueeze(-1)
+        mask = mask & (real >= prefix)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 @register_reader("spatial_mean")
 def read_spatial_mean(h: Tensor, ctx: ReadContext) -> Tensor:
-    """The mean over the spatial positions of a feature map (patch mean for token sequences)."""
+    """The mean over the spatial positions of a feature map (:func:`read_patch_mean` for token
+    sequences, through the attention mask)."""
     return read_patch_mean(h, ctx)
+
+
+def _shares_memory(reading: Tensor, h: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # no storage to compare while tracing: copy
+        return True
+    try:
+        return reading.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass): copy
+        return True
+
+
+def owned(reading: Reading, h: Tensor) -> Reading:
+    """``reading`` in memory of its own: a copy where it shares storage with the activation ``h``.
+
+    Readers may return views of ``h`` (``read="all"`` does, and so may custom readers such as
+    ``lambda h, ctx: h[:, -1]``); a module's output can be changed in place later in the same
+    forward, or by the next one, which would change such a reading behind the caller's back.
+    Readings that reduce (``"mean"``, ``"last"``, ...) are new tensors and are returned as they are.
+
+    Examples:
+        >>> h = torch.zeros(1, 2, 3)
+        >>> reading = owned(h[:, -1], h)
+        >>> _ = h.add_(1.0)
+        >>> reading.tolist()
+        [[0.0, 0.0, 0.0]]
+    """
+    if isinstance(reading, TokenReading):
+        values = reading.values.clone() if _shares_memory(reading.values, h) else reading.values
+        mask = reading.mask.clone() if _shares_memory(reading.mask, h) else reading.mask
+        return reading if values is reading.values and mask is reading.mask else TokenReading(values, mask)
+    if isinstance(reading, Tensor) and _shares_memory(reading, h):
+        return reading.clone()
+    return reading
 
 
 def _index_reader(index: int) -> Reader:
