@@ -200,9 +200,9 @@ def test_a_non_finite_vector_is_never_written(tmp_path, bad):
     with pytest.raises(ValueError, match=r"Cannot save .*site 'model.layers.1' has 1 NaN or infinite value\(s\) of 8"):
         broken.save(tmp_path / "v.safetensors")
     with pytest.raises(ValueError, match="site 'model.layers.1' has 1 NaN"):
-        broken.to_lm_eval(tmp_path / "v.pt")
+        broken.to_lm_eval(tmp_path / "v.pt", prefix="")
     with pytest.raises(ValueError, match="scale is"):
-        good.to_lm_eval(tmp_path / "v.pt", scale=bad)
+        good.to_lm_eval(tmp_path / "v.pt", scale=bad, prefix="")
     assert (tmp_path / "v.safetensors").read_bytes() == existing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
     pytest.importorskip("gguf")

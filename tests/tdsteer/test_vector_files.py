@@ -144,3 +144,43 @@ def test_validate_refuses_a_vector_from_a_model_of_another_size():
         pass
     assert not model[0]._forward_hooks
     SteeringVector({"0": torch.randn(4)}, metadata={"model_type": "toy", "model_hidden_size": 4}).validate(model)
+
+
+def test_gguf_writes_block_inputs_as_the_previous_block_and_refuses_direction_0(tmp_path):
+    """llama.cpp adds direction.i to block i's output and refuses direction.0: the input of block i is
+    the output of block i - 1, and a site at block 0's output or input cannot be written."""
+    pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    pre = SteeringVector({Site("model.layers.2", io="input").key: torch.randn(8)})
+    back = SteeringVector.from_gguf(pre.to_gguf(tmp_path / "pre.gguf"), path_template="model.layers.{i}")
+    assert back.keys() == ["model.layers.1"]  # the same activation as the input of block 2
+    assert torch.equal(back["model.layers.1"], pre[pre.keys()[0]])
+    for key in ("model.layers.0", Site("model.layers.0", io="input").key):
+        with pytest.raises(ValueError, match="llama.cpp"):
+            SteeringVector({key: torch.ones(8)}).to_gguf(tmp_path / "zero.gguf")
+    assert not (tmp_path / "zero.gguf").exists()
+
+
+def test_lm_eval_export_takes_the_recorded_base_model_path(tmp_path):
+    vector = SteeringVector({"transformer.h.1": torch.ones(4)}, metadata={"base_model_path": "transformer"})
+    assert set(torch.load(vector.to_lm_eval(tmp_path / "v.pt"), weights_only=True)) == {"h.1"}
+    unrecorded = SteeringVector({"transformer.h.1": torch.ones(4)})
+    with pytest.warns(UserWarning, match="pass prefix="):
+        unrecorded.to_lm_eval(tmp_path / "w.pt")
+    assert set(torch.load(unrecorded.to_lm_eval(tmp_path / "x.pt", prefix="transformer"), weights_only=True)) == {"h.1"}
+
+
+def test_select_keeps_the_metadata_of_the_kept_sites_only(tmp_path):
+    vector = SteeringVector({"a.0": torch.ones(4), "a.1": torch.ones(6)})
+    only = vector.select("a.1")
+    assert only.metadata["hidden_sizes"] == {"a.1": 6}
+    assert SteeringVector.load(only.save(tmp_path / "v.safetensors")).metadata["hidden_sizes"] == {"a.1": 6}
+
+
+def test_a_vector_of_another_architecture_names_its_model_type():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    vector = SteeringVector({"model.layers.0": torch.ones(4)}, metadata={"model_type": "llama"})
+    with pytest.raises(ValueError, match="made for model type 'llama'.*site 'model.layers.0' does not exist"):
+        vector.validate(model)
+    with pytest.raises(ValueError, match="made for model type 'llama'"), steer(model, vector):
+        pass

@@ -287,30 +287,48 @@ def _layer_of(key: str) -> int:
     return int(match.group(1))
 
 
+def _direction_index(key: str, site: Site | None) -> int:
+    """The ``direction.N`` of a site from its path: block ``N``'s output, or block ``N + 1``'s input."""
+    index = _layer_of(key)
+    if site is not None and site.io == "input":
+        if index == 0:
+            raise ValueError(
+                f"Site {key!r} is the input of block 0 (the embeddings), which a llama.cpp control vector cannot "
+                "steer; export block outputs (resid_post) from block 1 on"
+            )
+        return index - 1
+    return index
+
+
 def save_gguf(
     directions: Mapping[str, Tensor],
     path: str | os.PathLike[str],
     *,
+    sites: Mapping[str, Site] | None = None,
     layer_of: Mapping[str, int] | Callable[[str], int] | None = None,
     model_hint: str | None = None,
 ) -> Path:
     """Write a llama.cpp control vector (GGUF, tensors ``direction.{layer}``); needs ``tdsteer[gguf]``.
 
-    llama.cpp adds ``direction.{i}`` to the output of block ``i``, so the sites should be block
-    outputs (``resid_post``); block 0 cannot be steered there.
+    llama.cpp adds ``direction.{i}`` to the output of block ``i`` for ``i >= 1`` (it refuses a file
+    with ``direction.0``), so the sites should be block outputs (``resid_post``); the input of block
+    ``i`` (``resid_pre``) is the output of block ``i - 1`` and is written as ``direction.{i - 1}``.
 
     Args:
         directions: Site key -> ``[C]`` direction at a block output.
         path: Destination ``.gguf`` file.
-        layer_of: Block index of each site; default: the trailing number of the site path.
+        sites: Site key -> site (tells block inputs from outputs; default: every site an output).
+        layer_of: The ``direction`` index of each site; default: the trailing number of the site
+            path, less one for a block's input.
         model_hint: ``controlvector.model_hint`` (the model type; ``"unknown"`` when ``None``).
 
     Returns:
         The path written (atomically).
 
     Raises:
-        ValueError: A direction that is not ``[C]``, two sites on one layer, or a NaN or infinite
-            direction (nothing is written).
+        ValueError: A direction that is not ``[C]``, two sites on one layer, a site at
+            ``direction.0`` or at the input of block 0, or a NaN or infinite direction (nothing is
+            written).
     """
     gguf = _import_gguf()
     path = Path(path)
@@ -320,11 +338,16 @@ def save_gguf(
         if direction.ndim != 1:
             raise ValueError(f"Site {key!r}: GGUF control vectors hold one [C] vector per layer")
         if layer_of is None:
-            layer = _layer_of(key)
+            layer = _direction_index(key, None if sites is None else sites.get(key))
         elif callable(layer_of):
             layer = layer_of(key)
         else:
             layer = layer_of[key]
+        if layer == 0:
+            raise ValueError(
+                f"Site {key!r} would be direction.0, which llama.cpp refuses (the output of block 0 cannot be "
+                "steered by a control vector): leave the site out (vector.select(...)) or steer a later block"
+            )
         if layer in layers:
             raise ValueError(f"Two sites map to layer {layer}")
         layers[layer] = direction

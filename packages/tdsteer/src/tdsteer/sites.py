@@ -136,16 +136,23 @@ SiteLike = Site | str
 
 
 def as_site(value: SiteLike) -> Site:
-    """Return ``value`` as a :class:`Site`; a plain string is a module path with defaults.
+    """Return ``value`` as a :class:`Site`; a string is a module path with defaults, or a site key
+    (:attr:`Site.key`: ``path``, ``path:input`` for the module's input, ``#k`` for tuple slot ``k``).
 
     Examples:
         >>> as_site("model.layers.0") == Site("model.layers.0")
+        True
+        >>> as_site("model.layers.2:input#1") == Site("model.layers.2", io="input", slot=1)
         True
     """
     if isinstance(value, Site):
         return value
     if isinstance(value, str):
-        return Site(value)
+        path, hash_, slot = value.partition("#")
+        path, colon, io = path.partition(":")
+        if (colon and io != "input") or (hash_ and not slot.isdigit()):
+            raise ValueError(f"Site {value!r} is neither a module path nor a site key (path, path:input, path#slot)")
+        return Site(path, slot=int(slot) if hash_ else None, io="input" if colon else "output")
     raise TypeError(f"Expected a Site or a module path string, got {type(value).__name__}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,9 +144,10 @@ class SteeringVector:
         missing = [k for k in wanted if k not in self.directions]
         if missing:
             raise KeyError(f"Sites {missing} are not in this vector; it has {sorted(self.directions)}")
-        return SteeringVector(
-            {k: self.directions[k] for k in wanted}, {k: self.sites[k] for k in wanted}, self.metadata
-        )
+        metadata = dict(self.metadata)
+        if isinstance(metadata.get("hidden_sizes"), dict):
+            metadata["hidden_sizes"] = {k: v for k, v in metadata["hidden_sizes"].items() if k in wanted}
+        return SteeringVector({k: self.directions[k] for k in wanted}, {k: self.sites[k] for k in wanted}, metadata)
 
     def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
         """Move or cast every direction (``torch.Tensor.to`` arguments)."""
@@ -177,8 +179,18 @@ class SteeringVector:
             >>> v.validate(torch.nn.Sequential(torch.nn.Linear(4, 4)), site_sizes={"0": 4})
         """
         as_check(check)
+        recorded = self.metadata.get("model_type")
+        actual = model_type_of(model)
         for site in self.sites.values():
-            site.module(model)
+            try:
+                site.module(model)
+            except ValueError as error:
+                if recorded and recorded != actual:
+                    raise ValueError(
+                        f"This steering vector was made for model type {recorded!r} but the model is {actual!r}: its "
+                        f"site {site.key!r} does not exist here; extract a vector for this model"
+                    ) from error
+                raise
         recorded_size = self.metadata.get("model_hidden_size")
         actual_size = model_hidden_size(model)
         if recorded_size and actual_size and int(recorded_size) != actual_size:
@@ -193,8 +205,6 @@ class SteeringVector:
                     f"This steering vector has hidden size {int(direction.shape[-1])} at site {key!r} but the model's "
                     f"hidden size there is {size}: the vector was made for another model"
                 )
-        recorded = self.metadata.get("model_type")
-        actual = model_type_of(model)
         if recorded and recorded != actual:
             report(
                 check,
@@ -255,7 +265,7 @@ class SteeringVector:
 
     # -- interchange ------------------------------------------------------------------------------
     def to_lm_eval(
-        self, path: str | os.PathLike[str], *, scale: float = 1.0, action: str = "add", prefix: str = ""
+        self, path: str | os.PathLike[str], *, scale: float = 1.0, action: str = "add", prefix: str | None = None
     ) -> Path:
         """Export to lm-eval's ``steered`` ``.pt`` format.
 
@@ -265,13 +275,33 @@ class SteeringVector:
             action: ``"add"`` or ``"clamp"``.
             prefix: Path of ``model.base_model`` inside the model the sites refer to (lm-eval names
                 hookpoints relative to it: ``"transformer"`` for GPT-2, ``"model"`` for Llama).
+                Default: the path extraction recorded (``metadata["base_model_path"]``); a vector
+                without that record warns and keeps its site paths whole.
 
         Returns:
             The path written (atomically: the previous file stays whole if writing fails).
 
         Raises:
             ValueError: A site lm-eval cannot name, or a NaN or infinite direction or scale.
+
+        Examples:
+            >>> import tempfile, torch
+            >>> v = SteeringVector({"transformer.h.3": torch.ones(4)}, metadata={"base_model_path": "transformer"})
+            >>> path = v.to_lm_eval(tempfile.mkdtemp() + "/v.pt")
+            >>> list(torch.load(path))  # lm-eval's hookpoint, relative to model.base_model
+            ['h.3']
         """
+        if prefix is None:
+            recorded = self.metadata.get("base_model_path")
+            if recorded is None:
+                warnings.warn(
+                    "This vector does not record the path of its model's base model, so its site paths are written "
+                    "as lm-eval hookpoints whole; lm-eval names them relative to model.base_model: pass prefix= "
+                    "('transformer' for GPT-2, 'model' for Llama)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            prefix = str(recorded or "")
         return formats.save_lm_eval(self.directions, self.sites, path, scale=scale, action=action, prefix=prefix)
 
     @classmethod
@@ -312,22 +342,28 @@ class SteeringVector:
     ) -> Path:
         """Export to a llama.cpp GGUF control vector; needs ``tdsteer[gguf]``.
 
-        llama.cpp adds ``direction.{i}`` to the output of block ``i``: the sites should be block outputs.
+        llama.cpp adds ``direction.{i}`` to the output of block ``i`` (``i >= 1``): the sites should
+        be block outputs (``resid_post``); a block's input (``resid_pre``, ``model.layers.i:input``) is
+        the output of block ``i - 1`` and is written as such.
 
         Args:
             path: Destination ``.gguf`` file.
-            layer_of: Block index of each site; default: the trailing number of the site path.
+            layer_of: The ``direction`` index of each site; default: the trailing number of the site
+                path (less one for a block's input).
             model_hint: ``controlvector.model_hint`` (default: the recorded model type).
 
         Returns:
             The path written (atomically: the previous file stays whole if writing fails).
 
         Raises:
-            ValueError: A direction that is not ``[C]``, two sites on one layer, or a NaN or
-                infinite direction.
+            ValueError: A direction that is not ``[C]``, two sites on one layer, a site at
+                ``direction.0`` (llama.cpp refuses it: the output of block 0 cannot be steered there),
+                or a NaN or infinite direction.
         """
         hint = model_hint or self.metadata.get("model_type")
-        return formats.save_gguf(self.directions, path, layer_of=layer_of, model_hint=str(hint) if hint else None)
+        return formats.save_gguf(
+            self.directions, path, sites=self.sites, layer_of=layer_of, model_hint=str(hint) if hint else None
+        )
 
 
 def make_metadata(
@@ -347,6 +383,7 @@ def make_metadata(
         "model_type": model_type_of(model) if model is not None else None,
         "model_hidden_size": model_hidden_size(model) if model is not None else None,
         "hidden_sizes": {k: int(v.shape[-1]) for k, v in directions.items()},
+        "base_model_path": base_model_prefix(model) if model is not None else None,
         "method": method,
         "read": read if isinstance(read, (str, int)) or read is None else repr(read),
         "data_fingerprint": fingerprint,
