@@ -8,6 +8,14 @@ prompt ends from the ``generate`` call it wraps. Everything a hook computes from
 op on the activation's device: no host-device synchronisation (a static cache reports its length
 as a tensor, which stays a tensor).
 
+Leading padding (``positions="from:k"`` and per-position vectors count from each row's first real token)
+comes from the ``attention_mask`` given to ``generate``: ``[B]``, one value per prompt. Beam search,
+``num_return_sequences`` and sampled beams call the model with ``B * n`` rows, each prompt's rows
+next to each other (Hugging Face's ``repeat_interleave``); the tracker reads each call's number of
+rows from its inputs' shapes and repeats each prompt's padding ``n`` times, once per generation, not
+per hook. Outside ``generate`` the call's own 2-D ``attention_mask`` gives it. Per-row starts set for
+the prompts of a ``generate`` call are repeated the same way.
+
 Per-row starts (``positions="continuation"``) are a ``[B]`` tensor of absolute positions that the
 caller sets between calls (:meth:`PositionTracker.set_starts`, or
 :meth:`tdsteer.SteeringHandle.set`); hooks compare them with the call's positions on the
@@ -52,7 +60,9 @@ __all__ = [
     "Span",
     "as_policy",
     "as_token_policy",
+    "call_rows",
     "check_starts",
+    "expand_rows",
     "leading_padding",
     "past_length",
     "site_mask",
@@ -82,6 +92,41 @@ def past_length(cache: Any) -> int | Tensor:
 def leading_padding(attention_mask: Tensor) -> Tensor:
     """Per-row count of padding tokens before the first real token: ``[B]``."""
     return (attention_mask.cumsum(-1) == 0).sum(-1)
+
+
+def call_rows(kwargs: dict[str, Any]) -> int | None:
+    """The number of batch rows of a model call, from its inputs' shapes (no tensor is read); ``None``
+    when no input says (inputs passed positionally, or a model with other input names)."""
+    for name in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value.ndim >= 2:
+            return value.shape[0]
+    return None
+
+
+def expand_rows(per_prompt: Tensor, rows: int | None) -> Tensor:
+    """Per-prompt values ``[B]`` repeated for a call of ``rows`` rows that holds ``rows // B`` rows of
+    each prompt next to each other, as ``generate`` lays out beams and ``num_return_sequences``.
+
+    Raises:
+        ValueError: ``rows`` is not a multiple of ``B``.
+
+    Examples:
+        >>> expand_rows(torch.tensor([3, 0]), 4)
+        tensor([3, 3, 0, 0])
+        >>> expand_rows(torch.tensor([3, 0]), None)  # the call's rows are unknown: as given
+        tensor([3, 0])
+    """
+    prompts = per_prompt.shape[0]
+    if rows is None or rows == prompts:
+        return per_prompt
+    if prompts == 0 or rows % prompts:
+        raise ValueError(
+            f"generate was given {prompts} prompt rows but the model is called with {rows} rows, which is not "
+            f"{prompts} rows repeated: positions='from:k' and per-position vectors count each row's positions from "
+            "its first real token (its prompt's padding), so each row must belong to one prompt"
+        )
+    return per_prompt.unsqueeze(-1).expand(prompts, rows // prompts).reshape(rows)
 
 
 def site_mask(policy: PositionPolicy, prefix_tokens: int, tokens: bool, length: int, device: torch.device) -> Selection:
@@ -148,12 +193,20 @@ class PositionTracker:
         self._starts_on: dict[torch.device, Tensor] = {}
         self.cache_position: Tensor | None = None
         self.attention_mask: Tensor | None = None
+        #: rows of the current call (from its inputs' shapes); ``None`` when unknown
+        self.rows: int | None = None
         self.prompt_length: int | None = None
         self.prompt_tensor: Tensor | None = None
         self.prompt_padding: Tensor | None = None
+        #: rows of the prompts given to the ``generate`` call in progress; ``None`` outside one
+        self.prompt_rows: int | None = None
         self.from_tensor: Tensor | None = None
         self._arange: dict[torch.device, Tensor] = {}
         self._padding: Tensor | None = None
+        # the prompt padding and the per-row starts repeated for a call's rows, on a device: made once
+        # per generate (per set_starts)
+        self._prompt_padding_on: dict[tuple[int | None, torch.device], Tensor] = {}
+        self._starts_repeated: dict[tuple[int, torch.device], Tensor] = {}
         # set once a compiled graph has read the positions: from then on an eagerly observed start
         # (a compiled forward under an eager root) is handed over as a tensor
         self.traced = False
@@ -192,6 +245,7 @@ class PositionTracker:
             self.start = 0
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        self.rows = call_rows(kwargs)
         self._padding = None
         if not torch.compiler.is_compiling():
             self._masks.clear()
@@ -201,27 +255,35 @@ class PositionTracker:
         self.start = 0
         self.cache_position = None
         self.attention_mask = None
+        self.rows = None
         self._padding = None
         if not torch.compiler.is_compiling():
             self._masks.clear()
 
     @contextmanager
     def generation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
-        """Inside a ``generate`` call: where the prompt ends and how each row is padded."""
+        """Inside a ``generate`` call: where the prompt ends and how each prompt is padded (``[B]``, one
+        value per prompt; :meth:`padding` repeats it for calls with more rows, such as beams)."""
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(inputs, Tensor):
             inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
-        previous = (self.prompt_length, self.prompt_tensor, self.prompt_padding)
+        previous = (self.prompt_length, self.prompt_tensor, self.prompt_padding, self.prompt_rows)
+        self.prompt_rows = None
         if isinstance(inputs, Tensor) and inputs.ndim >= 2:
+            self.prompt_rows = int(inputs.shape[0])
             self.prompt_length = int(inputs.shape[1])
             device = self.device if self.device is not None else inputs.device
             self.prompt_tensor = torch.full((), self.prompt_length, dtype=torch.long, device=device)
         mask = kwargs.get("attention_mask")
         self.prompt_padding = leading_padding(mask) if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        self._prompt_padding_on.clear()
+        self._starts_repeated.clear()
         try:
             yield
         finally:
-            self.prompt_length, self.prompt_tensor, self.prompt_padding = previous
+            self.prompt_length, self.prompt_tensor, self.prompt_padding, self.prompt_rows = previous
+            self._prompt_padding_on.clear()
+            self._starts_repeated.clear()
 
     # -- set by the caller ------------------------------------------------------------------------
     def set_starts(self, starts: Tensor | None) -> None:
@@ -231,7 +293,9 @@ class PositionTracker:
             starts: ``[B]`` integer tensor of absolute positions (position ``p`` is the ``p``-th token
                 of the padded sequence, as in a KV-cached ``generate``), on any device; it is moved
                 to each activation's device once, not read back. It stays in force for every call
-                until it is changed: set it before each batch.
+                until it is changed: set it before each batch. Inside ``generate``, starts set for
+                its prompts are repeated for calls with several rows per prompt (beams,
+                ``num_return_sequences``).
 
         Raises:
             ValueError: Not a 1-D integer tensor.
@@ -245,6 +309,7 @@ class PositionTracker:
         """
         check_starts(starts)
         self._starts_on.clear()
+        self._starts_repeated.clear()
         self.starts_on_device = None
         if starts is not None and self.device is not None:
             self.starts_on_device = starts.to(self.device, non_blocking=True)
@@ -253,21 +318,41 @@ class PositionTracker:
         self._masks.clear()
 
     def check_rows(self, rows: int, where: str) -> None:
-        """Raise ``ValueError`` when per-row starts are set for another number of rows than ``rows``."""
-        if self.starts is not None and self.starts.shape[0] != rows:
+        """Raise ``ValueError`` when per-row starts are set for another number of rows than ``rows``
+        (inside ``generate``, starts set for its prompts fit a call with several rows per prompt)."""
+        if self.starts is not None and self.starts.shape[0] != rows and not self._repeats_starts(rows):
             raise ValueError(
                 f"Site {where!r}: {self.starts.shape[0]} row starts were set but the batch has {rows} rows; "
                 "set one start per batch row (handle.set(starts=...)) before each call"
             )
 
+    def _repeats_starts(self, rows: int | None) -> bool:
+        """Whether the starts were set for the prompts of the ``generate`` call in progress, and a
+        call of ``rows`` rows holds several rows per prompt."""
+        prompts = self.prompt_rows
+        return (
+            self.starts is not None
+            and prompts is not None
+            and rows is not None
+            and self.starts.shape[0] == prompts != rows
+            and rows % prompts == 0
+        )
+
     def row_starts(self, device: torch.device) -> Tensor | None:
-        """The per-row starts on ``device`` (moved there once), or ``None`` when none are set."""
+        """The per-row starts on ``device`` (moved there once), or ``None`` when none are set; inside
+        ``generate``, starts set for its prompts are repeated for the current call's rows."""
         if self.starts is None:
             return None
         moved = self._starts_on.get(device)
         if moved is None:
             moved = self.starts.to(device, non_blocking=True)
             self._starts_on[device] = moved
+        rows = self.rows
+        if rows is not None and self._repeats_starts(rows):
+            repeated = self._starts_repeated.get((rows, device))
+            if repeated is None:
+                repeated = self._starts_repeated[rows, device] = expand_rows(moved, rows)
+            return repeated
         return moved
 
     # -- used by hooks ----------------------------------------------------------------------------
@@ -288,9 +373,21 @@ class PositionTracker:
         return cached
 
     def padding(self, device: torch.device) -> Tensor | None:
-        """Per-row leading padding ``[B]`` of the current sequence, or ``None`` when unknown."""
+        """Per-row leading padding ``[B]`` of the current call's rows, or ``None`` when unknown.
+
+        Inside ``generate``: the prompts' padding, repeated for a call with several rows per prompt
+        (beams, ``num_return_sequences``); made once per generation, row count and device.
+
+        Raises:
+            ValueError: The call's rows are not a whole number of rows per prompt.
+        """
         if self.prompt_padding is not None:
-            return self.prompt_padding.to(device, non_blocking=True)
+            key = (self.rows, device)
+            expanded = self._prompt_padding_on.get(key)
+            if expanded is None:
+                expanded = expand_rows(self.prompt_padding, self.rows).to(device, non_blocking=True)
+                self._prompt_padding_on[key] = expanded
+            return expanded
         if self._padding is None and self.attention_mask is not None:
             self._padding = leading_padding(self.attention_mask)
         return None if self._padding is None else self._padding.to(device, non_blocking=True)
@@ -402,7 +499,9 @@ class PositionTracker:
         """:meth:`real_positions` without host-side caches: ``[B, L]`` or ``[1, L]``."""
         pos = self.traced_positions(length, device).unsqueeze(0)
         padding = self.prompt_padding
-        if padding is None and self.attention_mask is not None:
+        if padding is not None:
+            padding = expand_rows(padding, self.rows)
+        elif self.attention_mask is not None:
             padding = leading_padding(self.attention_mask)
         return pos if padding is None else pos - padding.to(device).unsqueeze(-1)
 
@@ -424,6 +523,8 @@ class PositionTracker:
         if kind == "continuation":
             starts = self.starts_on_device if self.starts_on_device is not None else self.starts
             if starts is not None:
+                if self._repeats_starts(self.rows):
+                    starts = expand_rows(starts, self.rows)
                 pos = self.traced_positions(length, device).unsqueeze(0)
                 return pos >= starts.to(device).unsqueeze(-1)
             if self.prompt_tensor is None:
