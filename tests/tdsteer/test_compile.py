@@ -9,6 +9,7 @@ not depend on the backend, so they use ``aot_eager``, which compiles much faster
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -138,15 +139,21 @@ def test_generate_with_a_compiled_forward_matches_eager(toy_lm: ToyLM) -> None:
 
 
 def test_a_stale_compiled_graph_is_warned_about(toy_lm: ToyLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tdsteer.steering, "_warned_hook_guards", False)
+    """Warned once per batch of new graphs: a second model compiled later (after a reset) warns again."""
+    monkeypatch.setattr(tdsteer.steering, "_warned_at_graphs", 0)
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
-        compiled = torch.compile(toy_lm, backend="aot_eager")
-        compiled(IDS)
-        with (
-            pytest.warns(UserWarning, match="skip_nnmodule_hook_guards = False"),
-            tdsteer.steer(toy_lm, vectors()),
-        ):
-            pass
+        for model in (toy_lm, ToyLM().eval()):
+            torch._dynamo.reset()
+            torch.compile(model, backend="aot_eager")(IDS)
+            with (
+                pytest.warns(UserWarning, match="skip_nnmodule_hook_guards = False"),
+                tdsteer.steer(model, vectors()),
+            ):
+                pass
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with tdsteer.steer(model, vectors()):  # nothing compiled since: no second warning
+                    pass
 
 
 def test_conditional_steering_compiled_equals_eager(toy_lm: ToyLM) -> None:

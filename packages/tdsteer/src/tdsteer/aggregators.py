@@ -9,6 +9,7 @@ float64.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -390,4 +391,15 @@ def make_aggregator(method: str | Callable[..., Aggregator], **kwargs: Any) -> A
         factory = method
     else:
         raise TypeError(f"method must be a name or an Aggregator factory, got {type(method).__name__}")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = None
+    if accepted is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            options = ", ".join(sorted(accepted)) or "none"
+            raise TypeError(
+                f"Method {method!r} takes no option {', '.join(map(repr, unknown))}; its options: {options}"
+            )
     return factory(**kwargs)

@@ -196,7 +196,13 @@ class Extraction:
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
         seen = 0
         with torch.no_grad(), recorder.prepare(model):
-            for batch in tqdm(batches, total=total, desc=f"extract {self.method}", unit="batch", disable=not progress):
+            for batch in tqdm(
+                batches,
+                total=total,
+                desc=f"extract {self.method if isinstance(self.method, str) else 'custom method'}",
+                unit="batch",
+                disable=not progress,
+            ):
                 pos, neg, pos_index, neg_index = self._unpack(batch)
                 if self._fingerprint is None:
                     digest(self._hasher, pos)

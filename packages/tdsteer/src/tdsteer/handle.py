@@ -107,6 +107,11 @@ class SteeringHandle:
         policy = factory.check_positions(positions) if positions is not _UNSET else _UNSET
         updates = _UNSET
         if vector is not _UNSET:
+            if not isinstance(vector, (SteeringVector, Mapping)):
+                raise TypeError(
+                    f"handle.set(vector=...) takes a SteeringVector or a mapping site -> tensor, got "
+                    f"{type(vector).__name__}; for one site: handle.set(vector={{site_key: tensor}})"
+                )
             updates = factory.check_vectors(vector.directions if isinstance(vector, SteeringVector) else vector)
         if starts is not _UNSET:
             check_starts(starts)

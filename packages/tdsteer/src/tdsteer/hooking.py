@@ -76,12 +76,12 @@ def _container_message(site: Site, module: nn.Module) -> str:
     if children:
         first = children[0]
         example = f"{site.path}.{first}" if _segments(first) else f"{site.path}[{first!r}]"
-        hint = f"steer one of its {len(children)} blocks instead, e.g. {example!r}"
+        hint = f"use one of its {len(children)} blocks instead, e.g. {example!r}"
     else:
-        hint = "steer a module that the model calls"
+        hint = "use a module that the model calls"
     return (
         f"Site {site.key!r} is a {kind}, a container that the model never calls: hooks on it never run, "
-        f"so it would steer nothing; {hint} (adapters build block sites: tdsteer_hf.sites(model, layers=...), "
+        f"so it would be neither read nor steered; {hint} (adapters build block sites: tdsteer_hf.sites(model, layers=...), "
         "tdsteer_timm.sites(model, layers))"
     )
 

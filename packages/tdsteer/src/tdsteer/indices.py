@@ -67,7 +67,15 @@ def take_indices(count: int, indices: IndexSpec = None, *, what: str = "layer") 
         return list(range(count))
     if isinstance(indices, bool):
         raise TypeError(f"{what} index must be an int, got a bool")
-    raw: list[object] = [indices] if isinstance(indices, (int, slice, range)) else list(indices)
+    if isinstance(indices, (int, slice, range)):
+        raw: list[object] = [indices]
+    elif isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise TypeError(
+            f"{what} indices must be an int, a slice, a range or a list of them, got {indices!r}"
+            + ("; parse text with tdsteer.parse_indices" if isinstance(indices, str) else "")
+        )
+    else:
+        raw = list(indices)
     resolved: list[int] = []
     for item in raw:
         if isinstance(item, (slice, range)):

@@ -9,9 +9,10 @@ where the operator applies and 0 elsewhere; positions outside the mask come back
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -154,8 +155,19 @@ def register_operator(name: str) -> Callable[[Callable[[], Operator]], Callable[
 
 def as_operator(operator: str | Operator | Callable[..., Tensor]) -> Operator:
     """Resolve an operator: a registered name, an operator object (an instance whose
-    ``__call__(h, v, scale, mask)`` handles the mask itself), or a plain function
-    ``fn(h, v, scale) -> h`` (wrapped in :class:`Custom`)."""
+    ``__call__(h, v, scale, mask)`` handles the mask itself), or a function or callable object
+    ``fn(h, v, scale) -> h`` (wrapped in :class:`Custom`, which applies the mask around it).
+
+    Examples:
+        >>> class Double:
+        ...     def __call__(self, h, v, scale):
+        ...         return 2 * h
+        >>> type(as_operator(Double())).__name__
+        'Custom'
+        >>> as_operator(Ablate)
+        Traceback (most recent call last):
+        TypeError: operator=Ablate is a class: pass an instance (Ablate()) or a registered name
+    """
     if isinstance(operator, str):
         try:
             return OPERATORS[operator]()
@@ -164,8 +176,26 @@ def as_operator(operator: str | Operator | Callable[..., Tensor]) -> Operator:
                 f"Unknown operator {operator!r}; use one of {', '.join(sorted(OPERATORS))}, "
                 "an Operator object, or a callable fn(h, v, scale)"
             ) from None
+    if isinstance(operator, type):
+        raise TypeError(
+            f"operator={operator.__name__} is a class: pass an instance ({operator.__name__}()) or a registered name"
+        )
     if isinstance(operator, (types.FunctionType, types.MethodType, functools.partial)):
         return Custom(operator)
     if callable(operator):
+        if _positional_arity(operator) == 3:
+            return Custom(operator)  # type: ignore[arg-type]  # an object with __call__(h, v, scale)
         return operator  # an object with __call__(h, v, scale, mask)
     raise TypeError(f"operator must be a name, an Operator or a callable, got {type(operator).__name__}")
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` takes (``None``: unknown, or any number)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from tdsteer.sites import Site
+from tdsteer.sites import Site, feature_map_as_tokens
 
 ReadLike = str | int | slice
 
@@ -81,6 +81,8 @@ def _tokens(h: Tensor, site: Site) -> Tensor:
     if h.ndim == 3:
         return h
     if h.ndim == 4:
+        if site.layout == "NLC":
+            raise ValueError(feature_map_as_tokens(site, h))
         return h.flatten(1, 2)
     if h.ndim == 2:
         return h.unsqueeze(1)
@@ -215,6 +217,8 @@ def read_patch_mean(h: Tensor, ctx: ReadContext) -> Tensor:
     text model's sites have no prefix tokens, where this is ``read="mean"``.
     """
     if h.ndim == 4:
+        if ctx.site.layout == "NLC":
+            raise ValueError(feature_map_as_tokens(ctx.site, h))
         return h.mean(dim=(1, 2))
     x = _tokens(h, ctx.site)
     prefix = ctx.site.prefix_tokens

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from tdhook.paths import resolve_submodule_path
-from torch import nn
+from torch import Tensor, nn
 
 Layout = Literal["NLC", "NCHW", "NHWC"]
 LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")
@@ -154,6 +154,15 @@ def as_site(value: SiteLike) -> Site:
             raise ValueError(f"Site {value!r} is neither a module path nor a site key (path, path:input, path#slot)")
         return Site(path, slot=int(slot) if hash_ else None, io="input" if colon else "output")
     raise TypeError(f"Expected a Site or a module path string, got {type(value).__name__}")
+
+
+def feature_map_as_tokens(site: Site, h: Tensor) -> str:
+    """The message for a token site (layout ``NLC``, the default) whose activation is a 4-D feature map."""
+    return (
+        f"Site {site.key!r} has layout NLC (tokens), the default of a plain module path, but its activation has "
+        f"shape {tuple(h.shape)}, a feature map: give the site its layout (tdsteer.Site({site.path!r}, "
+        "layout='NCHW' or 'NHWC')), or take sites from the model's adapter (tdsteer_timm.sites)"
+    )
 
 
 def as_sites(values: SiteLike | Iterable[SiteLike]) -> list[Site]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from tdsteer.gating import ConditionGate
 from tdsteer.operators import Add, Operator, Scale
 from tdsteer.positions import PositionPolicy, PositionTracker, Selection, Span, site_mask
-from tdsteer.sites import Site
+from tdsteer.sites import Site, feature_map_as_tokens
 
 _Prepared = tuple[Tensor | None, Scale, Tensor | None]
 
@@ -91,6 +91,8 @@ class SiteSteerer:
 
     # -- checks shared by both paths --------------------------------------------------------------
     def _check(self, h: Tensor, scale: Scale | None, positions: bool) -> None:
+        if self.tokens and h.ndim == 4:
+            raise ValueError(feature_map_as_tokens(self.site, h))
         if self.hidden is not None and h.shape[self.site.channel_dim] != self.hidden:
             raise ValueError(
                 f"Site {self.site.key!r}: the steering vector has hidden size {self.hidden} but the activation has "

@@ -116,13 +116,30 @@ class SteeringVectors(HookingContextFactory):
     def _check_policy(self, policy: PositionPolicy) -> None:
         for site, key in zip(self.sites, self._site_keys, strict=True):
             vector = self._vectors[key]
-            if site.layout != "NLC" and (policy.tokens_only or (vector is not None and vector.ndim == 2)):
+            if site.layout == "NLC":
+                continue
+            if policy.tokens_only:
                 shown = f"positions={policy.kind if policy.kind != 'from' else f'from:{policy.start}'!r}"
                 raise ValueError(
-                    f"Site {key!r} is a feature map (layout {site.layout}), which has no token positions: "
-                    f"{shown} and per-position [L, C] vectors apply to token sequences (NLC) only; use "
-                    "positions='all', 'patches' or 'prefix' and a [C] vector"
+                    f"Site {key!r} is a feature map (layout {site.layout}), which has no token positions: {shown} "
+                    "applies to token sequences (NLC) only; use positions='all', 'patches' or 'prefix'"
                 )
+            if vector is not None and vector.ndim == 2:
+                raise ValueError(
+                    f"Site {key!r} is a feature map (layout {site.layout}), which has no token positions, but its "
+                    f"vector is per position (shape {tuple(vector.shape)}): per-position [L, C] vectors (actadd with "
+                    "read='all') apply to token sequences (NLC) only; steer a feature map with a [C] vector"
+                )
+        tokens = [s for s in self.sites if s.layout == "NLC"]
+        if policy.kind == "patches" and tokens and not any(s.prefix_tokens for s in tokens):
+            warnings.warn(
+                f"positions='patches' with sites that have no prefix tokens (sites {[s.key for s in tokens]}) steers "
+                "every token, as 'all' (a class token included, if the model has one): build sites with "
+                "tdsteer_timm.sites, or set Site(prefix_tokens=...); tdsteer_timm.check_vector(vector, model) checks "
+                "a vector's sites against the model",
+                UserWarning,
+                stacklevel=4,
+            )
         if policy.kind == "prefix" and not any(s.layout == "NLC" and s.prefix_tokens > 0 for s in self.sites):
             raise ValueError(
                 "positions='prefix' steers the class and register tokens (Site.prefix_tokens), but no site has any "
@@ -397,19 +414,20 @@ def _key(site: Any) -> Any:
     return site.key if isinstance(site, Site) else site
 
 
-_warned_hook_guards = False
+_warned_at_graphs = 0  # the compiled-graph count when the hook-guard warning was last given
 
 
 def _warn_if_compiled_without_hook_guards() -> None:
-    """Warn once when torch.compile has run in this process with guards on module hooks skipped."""
-    global _warned_hook_guards
-    if _warned_hook_guards or "torch._dynamo.utils" not in sys.modules:
+    """Warn when torch.compile has compiled graphs with guards on module hooks skipped (again after new graphs)."""
+    global _warned_at_graphs
+    if "torch._dynamo.utils" not in sys.modules:
         return
     from torch._dynamo import config  # loaded already: only looked at once torch.compile has been used
     from torch._dynamo.utils import counters  # the same module, loaded already
 
-    if config.skip_nnmodule_hook_guards and counters["stats"].get("unique_graphs", 0) > 0:
-        _warned_hook_guards = True
+    graphs = counters["stats"].get("unique_graphs", 0)
+    if config.skip_nnmodule_hook_guards and graphs > 0 and graphs != _warned_at_graphs:
+        _warned_at_graphs = graphs  # again once more graphs have been compiled (another model, after a reset)
         warnings.warn(
             "torch.compile has compiled graphs in this process, and torch._dynamo.config.skip_nnmodule_hook_guards "
             "is True (torch's default): a compiled graph does not notice hooks added or removed after it was "
