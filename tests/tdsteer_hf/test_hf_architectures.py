@@ -324,6 +324,23 @@ def test_register_architecture(registry: dict[str, Any]) -> None:
     assert tdsteer_hf.sites(model, 1, kind="mlp_out")[0].path == "stack.1.proj"
 
 
+def test_register_architecture_names_the_bad_spec(registry: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match=r"register_architecture\('x', spec\): spec must be an Architecture.*got int"):
+        tdsteer_hf.register_architecture("x", 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got int"):
+        tdsteer_hf.register_architecture(3)  # type: ignore[arg-type]
+    assert "x" not in tdsteer_hf.supported()
+
+
+@pytest.mark.parametrize("call", [tdsteer_hf.sites, tdsteer_hf.describe, tdsteer_hf.num_layers, tdsteer_hf.resolve])
+def test_a_model_name_instead_of_a_model(call: Any) -> None:
+    """The same TypeError as tdsteer_timm's ("expects a torch.nn.Module, got str"), not an AttributeError."""
+    with pytest.raises(TypeError, match=r"tdsteer_hf expects a torch.nn.Module, got str; load the model first"):
+        call("gpt2")
+    with pytest.raises(TypeError, match=r"tdsteer_hf expects a torch.nn.Module, got NoneType$"):
+        call(None)
+
+
 def test_record_pointing_nowhere(registry: dict[str, Any]) -> None:
     tdsteer_hf.register_architecture("gpt2", blocks="blocks", overwrite=True)
     with pytest.raises(ValueError, match=r"'gpt2' record places the blocks at 'blocks'.*blocks_path="):

@@ -89,16 +89,18 @@ def test_pairs_right_padding(tokenizer: Any) -> None:
     assert second["positive"]["input_ids"].shape[0] == 1
 
 
-def test_left_padding_and_tokenizer_default(tokenizer: Any) -> None:
+def test_left_padding_and_the_right_default(tokenizer: Any) -> None:
     batch = next(iter(contrastive_batches(tokenizer, PAIRS, batch_size=3, padding_side="left")))
     mask = batch["positive"]["attention_mask"]
     assert mask.tolist() == [[1] * 7, [0] + [1] * 6, [0, 0] + [1] * 5]
     assert batch["positive"]["input_ids"][2, :2].tolist() == [tokenizer.pad_token_id] * 2
     assert real_rows(batch["positive"]) == [tokenizer(pos)["input_ids"] for pos, _ in PAIRS]
-    assert "position_ids" not in batch["positive"]
+    # Left padding carries position_ids counted from the first real token, as generate makes them.
+    assert batch["positive"]["position_ids"][2].tolist() == [0, 0, 0, 1, 2, 3, 4]
+    # The default pads on the right, whatever tokenizer.padding_side (a generation setting) says.
     tokenizer.padding_side = "left"
     try:
-        assert contrastive_batches(tokenizer, PAIRS).padding_side == "left"
+        assert contrastive_batches(tokenizer, PAIRS).padding_side == "right"
     finally:
         tokenizer.padding_side = "right"
     assert contrastive_batches(tokenizer, PAIRS).padding_side == "right"

@@ -23,7 +23,7 @@ from tdsteer_hf.architectures import (
     register_architecture,
     supported,
 )
-from tdsteer_hf.data import CAA_SEPARATOR, ContrastiveBatches, contrastive_batches, load_caa_json
+from tdsteer_hf.data import CAA_SEPARATOR, ContrastiveBatches, TextTooLongError, contrastive_batches, load_caa_json
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.resolution import ModelLayout, resolve
 from tdsteer_hf.sites import describe, num_layers, sites
@@ -35,6 +35,7 @@ __all__ = [
     "Architecture",
     "ContrastiveBatches",
     "ModelLayout",
+    "TextTooLongError",
     "__version__",
     "architecture",
     "architecture_for",

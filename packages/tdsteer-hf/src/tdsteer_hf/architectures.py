@@ -121,6 +121,8 @@ def register_architecture(
 
     Raises:
         ValueError: The model type is already registered and ``overwrite`` is false.
+        TypeError: ``key`` is neither a string nor an :class:`Architecture`, or ``spec`` is not an
+            :class:`Architecture`.
 
     Examples:
         >>> record = register_architecture("my_llama_like", blocks="layers", attn="self_attn", mlp="mlp")
@@ -135,6 +137,11 @@ def register_architecture(
         if blocks is None:
             raise ValueError(f"register_architecture({key!r}) needs blocks=, the path of the block list")
         record = Architecture(key, blocks, attn, mlp, block_slot, attn_slot, mlp_slot, note)
+    elif isinstance(key, str):
+        raise TypeError(
+            f"register_architecture({key!r}, spec): spec must be an Architecture (or leave it out and give the "
+            f"fields as keywords), got {type(spec).__name__}"
+        )
     else:
         raise TypeError(
             "register_architecture takes a model type string (with an Architecture or keyword fields) or an "

@@ -12,11 +12,13 @@ Each batch is a dict::
 
 Positive and negative halves are padded separately, so their lengths may differ. An index counts
 within a row's real (non-padding) tokens: ``0`` is the first real token, whatever the padding side.
+Left-padded halves also carry ``position_ids`` (see :func:`contrastive_batches`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 Read = Literal["last", "answer"]
 CAA_KEYS: tuple[str, str, str] = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
@@ -35,6 +38,76 @@ CAA_KEYS: tuple[str, str, str] = ("question", "answer_matching_behavior", "answe
 CAA_SEPARATOR = "\n\nAnswer: "
 
 Batch = dict[str, Any]
+
+
+class TextTooLongError(ValueError):
+    """A text has more tokens than the model has positions (its embedding would fail with an IndexError).
+
+    Attributes:
+        longest: Tokens in the longest text.
+        limit: Positions the model takes (``config.max_position_embeddings``).
+        item: Index of the data item that holds the longest text.
+    """
+
+    def __init__(self, longest: int, limit: int, item: int) -> None:
+        self.longest, self.limit, self.item = longest, limit, item
+        super().__init__(
+            f"data item {item} has a text of {longest} tokens but the model takes at most {limit} positions; "
+            f"pass max_length={limit} to keep the last {limit} tokens of each text"
+        )
+
+
+def position_limit(model: Any) -> int | None:
+    """How many positions ``model`` takes: ``config.max_position_embeddings`` (GPT-2's ``n_positions``).
+
+    The one rule for "does this text fit": :func:`contrastive_batches` (with ``model=``) and
+    ``tdsteer extract`` refuse a longer text. ``None`` when the model has no config or states no limit
+    (ALiBi models such as BLOOM).
+
+    Examples:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> position_limit(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=64)))
+        64
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = getattr(config, "get_text_config", None)
+    if callable(text_config):
+        config = text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _wants_position_ids(model: nn.Module) -> bool:
+    """Whether left-padded rows of ``model`` need ``position_ids`` to read as they read unpadded.
+
+    As ``generate`` decides: the forward names a ``position_ids`` parameter, and the model is not an
+    encoder-decoder. Models that count positions from the token ids themselves (RoBERTa, XLM-R, ESM:
+    ``create_position_ids_from_input_ids``, offset by the pad id) already place left-padded rows right,
+    and 0-based ``position_ids`` would shift them.
+    """
+    parameters = _forward_parameters(model)
+    if parameters is None or not any(parameter.name == "position_ids" for parameter in parameters):
+        return False
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return not any(callable(getattr(module, "create_position_ids_from_input_ids", None)) for module in model.modules())
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    """Whether ``model(..., position_ids=...)`` can be called at all (named, or taken by ``**kwargs``)."""
+    parameters = _forward_parameters(model)
+    return parameters is None or any(
+        parameter.name == "position_ids" or parameter.kind is parameter.VAR_KEYWORD for parameter in parameters
+    )
 
 
 @dataclass(frozen=True)
@@ -192,6 +265,7 @@ class ContrastiveBatches:
         batch_size: Examples per batch (the last batch may be smaller).
         read: ``"last"`` or ``"answer"``.
         padding_side: ``"left"`` or ``"right"``.
+        position_ids: Whether each half carries ``position_ids`` (counted from its first real token).
         texts: The formatted ``(positive, negative)`` texts, chat template applied.
         fingerprint: SHA-256 hex digest of ``texts`` (and the answer indices with ``read="answer"``),
             for the steering vector's dataset metadata.
@@ -279,7 +353,8 @@ def contrastive_batches(
     chat_template: bool | str = False,
     max_length: int | None = None,
     system_prompt: str | None = None,
-    position_ids: bool = False,
+    position_ids: bool | None = None,
+    model: nn.Module | None = None,
 ) -> ContrastiveBatches:
     """Tokenise contrastive examples into positive / negative batches for ``tdsteer.extract``.
 
@@ -304,25 +379,41 @@ def contrastive_batches(
             real token (read them with ``tdsteer.extract(..., read="index")``). For CAA records the
             answer token is the one holding the letter of ``"(A)"``; for triples it is the last
             token of the completion. Pairs have no answer.
-        padding_side: ``"left"`` or ``"right"``; ``None`` uses ``tokenizer.padding_side``.
+        padding_side: ``"left"`` or ``"right"``. ``None`` pads on the right, whatever
+            ``tokenizer.padding_side`` says (it is set for generation, often to ``"left"``): right
+            padding leaves every real token at the position it has unpadded, on every architecture
+            (learned absolute positions, rotary, ALiBi, recurrent), so the vector does not depend on
+            the padding.
         chat_template: ``True`` to apply the tokenizer's chat template, a string to apply that Jinja
             template, ``False`` for plain text.
         max_length: Keep at most this many tokens per text, dropping tokens from the *start* so
-            the answer and last tokens survive.
+            the answer and last tokens survive. With ``model=``, a text still longer than the
+            model's positions raises :class:`TextTooLongError`.
         system_prompt: A system turn added before the user turn (needs a chat template; merged
             into the user turn when the template refuses system messages).
-        position_ids: Add ``position_ids`` (counted from each row's first real token) to both
-            halves. Models with learned absolute positions (GPT-2) need them to read a left-padded
-            row as they read it unpadded; rotary models do not. The model's ``forward`` must accept
-            ``position_ids``.
+        position_ids: Add ``position_ids`` (counted from each row's first real token, as
+            ``generate`` makes them) to both halves. Models with learned absolute positions (GPT-2,
+            BERT, GPT-Neo) need them to read a left-padded row as they read it unpadded; rotary models
+            read it the same with or without them. ``None`` (the default) adds them when padding on
+            the left, and with ``model=`` only where the model needs them: its ``forward`` names
+            ``position_ids`` (as ``generate`` checks) and it does not count positions from the token
+            ids itself (RoBERTa, XLM-R and ESM do, offset by the pad id, and are shifted by 0-based
+            ids). Without ``model=``, left padding of such a model, or of one whose ``forward``
+            takes no ``position_ids``, needs ``position_ids=False``. ``True`` always adds them,
+            ``False`` never.
+        model: The model the batches are for (optional). With it, a text longer than its
+            positions (:func:`position_limit`) raises :class:`TextTooLongError` here rather than an
+            ``IndexError`` inside the model, and ``position_ids=None`` asks the model whether it
+            needs them.
 
     Returns:
         A re-iterable :class:`ContrastiveBatches` with ``count``, ``fingerprint`` and ``len()``.
 
     Raises:
         ValueError: Malformed data, ``read="answer"`` with pairs, a chat template asked of a
-            tokenizer without one, ``system_prompt`` without a chat template, or an answer cut off by
-            ``max_length``.
+            tokenizer without one, ``system_prompt`` without a chat template, an answer cut off by
+            ``max_length``, or ``position_ids=True`` for a ``model`` whose forward takes none.
+        TextTooLongError: A text (after ``max_length``) is longer than ``model``'s positions.
 
     Examples:
         >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")  # doctest: +SKIP
@@ -336,6 +427,7 @@ def contrastive_batches(
         ['negative', 'negative_index', 'positive', 'positive_index']
         >>> answers = contrastive_batches(tokenizer, caa, read="answer")  # doctest: +SKIP
         >>> vector = tdsteer.extract(model, answers, sites, read="index")  # doctest: +SKIP
+        >>> batches = contrastive_batches(tokenizer, long_texts, model=model, max_length=1024)  # doctest: +SKIP
     """
     if read not in ("last", "answer"):
         raise ValueError(f"read must be 'last' or 'answer', got {read!r}")
@@ -343,10 +435,23 @@ def contrastive_batches(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    side = padding_side if padding_side is not None else getattr(tokenizer, "padding_side", "right")
+    side = "right" if padding_side is None else padding_side
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     padding: Literal["left", "right"] = "left" if side == "left" else "right"
+    if position_ids not in (None, True, False):
+        raise ValueError(f"position_ids must be True, False or None (automatic), got {position_ids!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the model the batches are for), got {type(model).__name__}")
+    if position_ids is None:
+        positions = padding == "left" and (model is None or _wants_position_ids(model))
+    else:
+        positions = position_ids
+    if positions and model is not None and not _accepts_position_ids(model):
+        raise ValueError(
+            f"position_ids=True, but {type(model).__name__}.forward takes no position_ids; "
+            "pad on the right (the default) instead"
+        )
     template: str | None = None
     use_chat = chat_template is not False
     if isinstance(chat_template, str):
@@ -418,6 +523,12 @@ def contrastive_batches(
         tokens.append((row_tokens[0], row_tokens[1]))
         indices.append((row_indices[0], row_indices[1]))
 
+    limit = position_limit(model) if model is not None else None
+    if limit is not None:
+        lengths = [max(len(pos), len(neg)) for pos, neg in tokens]
+        longest = max(lengths)
+        if longest > limit:
+            raise TextTooLongError(longest, limit, lengths.index(longest))
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -429,7 +540,7 @@ def contrastive_batches(
         read=read,
         padding_side=padding,
         pad_token_id=int(pad) if isinstance(pad, int) else 0,
-        position_ids=position_ids,
+        position_ids=positions,
     )
 
 

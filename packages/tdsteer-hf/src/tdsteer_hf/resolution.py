@@ -166,6 +166,7 @@ def resolve(model: nn.Module, *, blocks_path: str | None = None, fallback: bool 
         UnknownArchitectureError: Nothing registered fits and the fallback is off or finds nothing;
             the message lists the supported model types and the ``blocks_path=`` override.
         ValueError: ``blocks_path`` names no module list.
+        TypeError: ``model`` is not a ``torch.nn.Module`` (a model name, say).
 
     Examples:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -173,6 +174,13 @@ def resolve(model: nn.Module, *, blocks_path: str | None = None, fallback: bool 
         >>> resolve(model).blocks_path
         'transformer.h'
     """
+    if not isinstance(model, nn.Module):
+        hint = (
+            f"; load the model first, e.g. transformers.AutoModelForCausalLM.from_pretrained({model!r})"
+            if isinstance(model, str)
+            else ""
+        )
+        raise TypeError(f"tdsteer_hf expects a torch.nn.Module, got {type(model).__name__}{hint}")
     model_type = config_model_type(model)
     record = architecture(model_type) if model_type else None
 

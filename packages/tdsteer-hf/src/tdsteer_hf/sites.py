@@ -49,6 +49,7 @@ def describe(model: nn.Module, *, blocks_path: str | None = None, fallback: bool
     Raises:
         tdsteer.UnknownArchitectureError: The blocks cannot be found (the message lists the
             supported types and ``blocks_path=``).
+        TypeError: ``model`` is not a ``torch.nn.Module``.
 
     Examples:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -107,6 +108,7 @@ def sites(
         ValueError: Unknown ``kind``, or a kind the architecture has no module for.
         tdsteer.UnknownArchitectureError: The blocks cannot be found.
         IndexError: A layer index is out of range (the message names the valid range).
+        TypeError: ``model`` is not a ``torch.nn.Module`` (a model name, say).
 
     Examples:
         >>> from transformers import GPT2Config, GPT2LMHeadModel

@@ -15,7 +15,7 @@ from tdsteer.cli.command import SUMMARIES
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.cli.conditions import add_condition_options, check_condition_options, fit_condition
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
-from tdsteer_hf.data import contrastive_batches
+from tdsteer_hf.data import TextTooLongError, contrastive_batches
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.sites import describe
 
@@ -74,25 +74,27 @@ def _run(args: argparse.Namespace) -> int:
         return _extract(args, records, layers)
 
 
-def _batches(args: argparse.Namespace, tokenizer: Any, records: list[Any], limit: object) -> Any:
+def _batches(args: argparse.Namespace, tokenizer: Any, records: list[Any], model: Any) -> Any:
     """This rank's batches (none for an empty shard), checked against the model's positions."""
     if not records:
         return []
-    batches = contrastive_batches(
-        tokenizer,
-        records,
-        batch_size=args.batch_size,
-        read="answer" if args.read == "answer" else "last",
-        padding_side="right",
-        chat_template=args.chat_template,
-        max_length=args.max_length,
-    )
-    if isinstance(limit, int) and batches.longest > limit:
-        raise CLIError(
-            f"pairs file {args.pairs!r} holds a text of {batches.longest} tokens but the model takes at most "
-            f"{limit} positions; pass --max-length {limit} to keep the last {limit} tokens of each text"
+    try:
+        return contrastive_batches(
+            tokenizer,
+            records,
+            batch_size=args.batch_size,
+            read="answer" if args.read == "answer" else "last",
+            padding_side="right",
+            chat_template=args.chat_template,
+            max_length=args.max_length,
+            model=model,
         )
-    return batches
+    except TextTooLongError as error:  # the adapter's rule, in the command line's words
+        raise CLIError(
+            f"pairs file {args.pairs!r} holds a text of {error.longest} tokens but the model takes at most "
+            f"{error.limit} positions; pass --max-length {error.limit} to keep the last {error.limit} tokens of "
+            "each text"
+        ) from None
 
 
 def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | None) -> int:
@@ -106,14 +108,13 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
     sites = [records_of_kind[i].site for i in indices]
     with transformers_console():
         tokenizer = load_tokenizer(args.model)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.condition:
-        batches_of = partial(_batches, args, tokenizer, limit=limit)
+        batches_of = partial(_batches, args, tokenizer, model=model)
         return fit_condition(args, model, batches_of, records, sites, indices, progress=progress)
     failure: Exception | None = None
     try:  # a shard's own problem (a bad record, a long text) must fail every rank, not leave them waiting
-        batches = _batches(args, tokenizer, parallel.shard(records), limit)
+        batches = _batches(args, tokenizer, parallel.shard(records), model)
     except Exception as error:  # noqa: BLE001 - shared with every rank by agree() and raised there
         failure, batches = error, []
     parallel.agree(failure)
