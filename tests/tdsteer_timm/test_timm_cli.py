@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -16,6 +19,7 @@ import tdsteer
 import tdsteer_timm
 from tdsteer.cli import NO, SURE, CLIError, main
 from tdsteer_timm.cli.extract_images import check_read, default_read
+from tdsteer_timm.cli.models import create, load_checkpoint
 from tdsteer_timm.cli.source import SOURCE
 
 TINY = "resnet10t"  # 5M parameters; at 32 pixels a forward takes milliseconds on a CPU
@@ -187,3 +191,95 @@ def test_read_cls_needs_a_class_token() -> None:
             check_read("cls", sites, class_token=class_token)
         assert "use --read" in str(refused.value)
     assert default_read(vit, class_token=False) == "patch_mean"
+
+
+def test_a_checkpoint_for_another_image_size_is_resampled_as_timm_does(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "vit_tiny_patch16_224"
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ck224.safetensors"
+    save_file(timm.create_model(name, pretrained=False).state_dict(), str(checkpoint))  # pos_embed [1, 197, 192]
+    output = tmp_path / "vec.safetensors"
+    code = _extract(folders, output, "--checkpoint", str(checkpoint), model=name)  # --image-size 32: a 2x2 grid
+    assert code == 0, capsys.readouterr().err
+    assert tdsteer.SteeringVector.load(output).metadata["image_size"] == [32, 32]
+    # the weights are the ones timm's own pretrained loading gives at that size
+    model = create(name, 32)
+    load_checkpoint(model, str(checkpoint), image_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = timm.create_model(
+            name, pretrained=True, img_size=32, pretrained_cfg_overlay={"file": str(checkpoint)}
+        ).state_dict()
+    assert model.pos_embed.shape == (1, 5, 192)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_that_cannot_be_resampled_names_image_size(tmp_path: Path) -> None:
+    # CaiT's checkpoint filter does not resample pos_embed (nor does timm's pretrained loading)
+    kwargs = {"depth": 1, "depth_token_only": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+    checkpoint = tmp_path / "cait32.pth"
+    torch.save(timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, **kwargs).state_dict(), checkpoint)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=64, **kwargs)
+    with pytest.raises(CLIError) as refused:
+        load_checkpoint(model, str(checkpoint), image_size=64)
+    message = str(refused.value)
+    assert "size mismatch for pos_embed" in message and message.endswith("try without --image-size")
+    assert "\n" not in message and ".;" not in message
+    with pytest.raises(CLIError) as refused:
+        load_checkpoint(model, str(checkpoint))  # no --image-size given: nothing to suggest
+    assert "--image-size" not in str(refused.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_steering_vector_is_not_a_checkpoint(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    vector = tdsteer.SteeringVector({tdsteer.Site("layer4", layout="NCHW"): torch.ones(512)})
+    path = tmp_path / f"vector{suffix}"
+    if suffix == ".safetensors":
+        vector.save(path)
+    else:
+        vector.to_lm_eval(path, prefix="")
+    assert _extract(folders, tmp_path / "out.safetensors", "--checkpoint", str(path)) == 2
+    kind = "a tdsteer steering vector" if suffix == ".safetensors" else "an lm-eval steering vector"
+    _one_line_error(capsys, f"--checkpoint {path} is {kind}", "not model weights")
+
+
+def test_a_features_only_vector_records_the_wrapped_class(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "vec.safetensors"
+    assert _extract(folders, output, "--features-only", "--kind", "stage", model="convnext_atto") == 0
+    vector = tdsteer.SteeringVector.load(output)
+    assert vector.keys() == ["stages_3"]  # the FeatureListNet's path of stages.3
+    assert vector.metadata["timm_class"] == "ConvNeXt" and vector.metadata["model_name"] == "convnext_atto"
+    assert vector.metadata["model_type"] == "FeatureListNet"  # the class its site paths belong to
+    classifier = timm.create_model("convnext_atto", pretrained=False).eval()
+    with pytest.raises(ValueError, match="made for model type 'FeatureListNet' but the model is 'ConvNeXt'"):
+        tdsteer.steer(classifier, vector)
+    # docs/timm-models.md: rename the sites to use it on the classifier
+    renamed = {
+        dataclasses.replace(s, path=s.path.replace("stages_", "stages.", 1)): vector[k] for k, s in vector.sites.items()
+    }
+    on_classifier = tdsteer.SteeringVector(renamed)
+    (site,) = on_classifier.sites.values()
+    assert site == tdsteer_timm.sites(classifier, -1, kind="stage")[0]
+    x = torch.randn(2, 3, 32, 32)
+    seen: list[torch.Tensor] = []
+    hook = site.module(classifier).register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    with torch.no_grad():
+        classifier(x)
+        with tdsteer.steer(classifier, on_classifier, scale=2.0):
+            classifier(x)
+    hook.remove()
+    torch.testing.assert_close(seen[1] - seen[0], 2.0 * vector["stages_3"].view(1, -1, 1, 1).expand_as(seen[0]))
+    assert tdsteer.SteeringVector.load(_extract_features_only_getter(folders, tmp_path)).metadata["timm_class"] == (
+        "VisionTransformer"
+    )
+
+
+def _extract_features_only_getter(folders: tuple[Path, Path], tmp_path: Path) -> Path:
+    output = tmp_path / "getter.safetensors"
+    assert _extract(folders, output, "--features-only", "--layers", "0", model="vit_tiny_patch16_224") == 0
+    return output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -40,7 +41,19 @@ def test_sequence_of_images_is_stacked() -> None:
 )
 def test_bad_inputs(positive: torch.Tensor, negative: torch.Tensor, batch_size: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        tdsteer_timm.contrastive_batches(positive, negative, batch_size)
+        tdsteer_timm.contrastive_batches(positive, negative, batch_size=batch_size)
+
+
+def test_the_signature_is_the_contract_of_tdsteer_hf() -> None:
+    # docs/adapters.md: one name means one thing in both adapters; batch_size is keyword-only, 16 by default
+    tdsteer_hf = pytest.importorskip("tdsteer_hf")
+    ours = inspect.signature(tdsteer_timm.contrastive_batches).parameters["batch_size"]
+    theirs = inspect.signature(tdsteer_hf.contrastive_batches).parameters["batch_size"]
+    assert (ours.kind, ours.default) == (theirs.kind, theirs.default) == (inspect.Parameter.KEYWORD_ONLY, 16)
+    images = torch.zeros(40, 3, 4, 4)
+    assert [b["positive"].shape[0] for b in tdsteer_timm.contrastive_batches(images, images)] == [16, 16, 8]
+    with pytest.raises(TypeError, match="positional"):
+        tdsteer_timm.contrastive_batches(images, images, 8)  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -76,3 +89,42 @@ def test_extract_then_steer(name: str, kwargs: dict[str, Any], size: int, kind: 
         with tdsteer.steer(model, vector, scale=4.0):
             steered = model(x)
     assert not torch.allclose(base, steered, atol=1e-4)
+
+
+TINY_TOKENS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "prefix"),
+    [
+        ("vit_base_patch16_siglip_224", TINY_TOKENS, 0),  # no class token
+        ("vit_base_patch16_reg4_gap_256", TINY_TOKENS, 4),  # four registers, no class token
+        ("cait_xxs24_224", {**TINY_TOKENS, "depth_token_only": 1}, 0),  # the class token joins after blocks
+    ],
+    ids=["siglip", "registers", "cait"],
+)
+def test_read_cls_is_refused_where_token_0_is_no_class_token(name: str, kwargs: dict[str, Any], prefix: int) -> None:
+    # docs/timm-models.md: from Python too, read="cls" is refused before any forward pass
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    site = tdsteer_timm.sites(model, -1)[0]
+    assert (site.layout, site.prefix_tokens, site.class_token) == ("NLC", prefix, False)
+    images = torch.randn(2, 3, 32, 32)
+    batches = tdsteer_timm.contrastive_batches(images, -images, batch_size=2)
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="has no class token there") as refused:
+            tdsteer.extract(model, batches, [site], read="cls", progress=False)
+        assert "read='patch_mean'" in str(refused.value) and "read='mean'" in str(refused.value)
+        assert not calls
+        # a Site built by hand (class_token unset) is read at its first token as it is
+        by_hand = tdsteer.Site(site.path, layout="NLC", prefix_tokens=site.prefix_tokens)
+        vector = tdsteer.extract(model, batches, [by_hand], read="cls", progress=False)
+    finally:
+        hook.remove()
+    seen: list[torch.Tensor] = []
+    handle = by_hand.module(model).register_forward_hook(lambda m, a, out: seen.append(out[:, 0]))
+    with torch.no_grad():
+        model(images), model(-images)
+    handle.remove()
+    torch.testing.assert_close(vector[by_hand.key], (seen[0] - seen[1]).mean(0))

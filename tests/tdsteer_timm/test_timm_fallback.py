@@ -141,3 +141,26 @@ def test_a_features_only_wrapper_of_an_unregistered_class_is_checked_against_its
     check_against_timm(model, torch.randn(2, 3, 64, 64), fallback=True)
     with pytest.raises(UnknownArchitectureError, match="the StarNet it wraps is not registered"):
         tdsteer_timm.describe(model, fallback=False)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("starnet_s050", {}), ("test_mambaout", {}), ("test_vit_relpos", {"img_size": 64})]
+)
+def test_the_check_feeds_the_model_its_own_channel_count(name: str, kwargs: dict[str, Any], in_chans: int) -> None:
+    # timm keeps pretrained_cfg["input_size"] at (3, H, W) for a model built with another in_chans
+    model = build(name, in_chans=in_chans, **kwargs)
+    assert tdsteer_timm.arch.lookup(model) is None, "registered now: pick another unregistered class"
+    assert model.pretrained_cfg["input_size"][0] == 3
+    with pytest.warns(UserWarning, match="as one forward_intermediates call confirmed"):
+        stages = tdsteer_timm.sites(model, kind="stage")
+    assert [s.path for s in stages] == [e["module"] for e in model.feature_info]
+    check_against_timm(model, torch.randn(2, in_chans, 64, 64), fallback=True)
+
+
+def test_a_features_only_wrapper_with_one_input_channel_is_checked() -> None:
+    model = build("starnet_s050", features_only=True, in_chans=1)
+    with pytest.warns(UserWarning, match=r"one forward pass of the feature wrapper confirmed"):
+        info = tdsteer_timm.describe(model)
+    assert [r.path for r in info.of_kind("stage")] == ["stages_0", "stages_1", "stages_2", "stages_3"]
+    check_against_timm(model, torch.randn(2, 1, 64, 64), fallback=True)

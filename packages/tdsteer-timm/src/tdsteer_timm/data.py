@@ -57,7 +57,8 @@ class ImageBatches:
 def contrastive_batches(
     positive_images: Tensor | Sequence[Tensor],
     negative_images: Tensor | Sequence[Tensor],
-    batch_size: int = 32,
+    *,
+    batch_size: int = 16,
 ) -> ImageBatches:
     """Pair positive and negative images into batches for :func:`tdsteer.extract`.
 
@@ -65,8 +66,9 @@ def contrastive_batches(
         positive_images: Tensor ``[N, C, H, W]`` (already preprocessed for the model, e.g. with
             ``timm.data.create_transform``) or a sequence of ``[C, H, W]`` tensors.
         negative_images: The contrasting images, same count and shape as ``positive_images``.
-        batch_size: Pairs per batch; the last batch may be smaller. (:func:`tdsteer.extract` moves
-            each batch to the model's device.)
+        batch_size: Pairs per batch (keyword-only; 16, as in ``tdsteer_hf.contrastive_batches`` and
+            ``tdsteer extract-images --batch-size``); the last batch may be smaller.
+            (:func:`tdsteer.extract` moves each batch to the model's device.)
 
     Returns:
         A re-iterable :class:`ImageBatches` yielding ``{"positive": ..., "negative": ...}`` dicts.

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.models import FeatureHookNet
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from tdsteer import Site
@@ -79,19 +81,53 @@ def match_layout(output: Tensor, reference: Tensor) -> tuple[Layout, int] | None
     return None
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images ``model`` takes: its ``in_chans`` (or that of the timm model a
+    ``features_only`` wrapper holds), else the ``in_channels`` of its first convolution, else
+    ``pretrained_cfg["input_size"]``'s, else 3.
+
+    ``pretrained_cfg`` comes last: ``timm.create_model(..., in_chans=1)`` keeps its
+    ``input_size`` of ``(3, H, W)``.
+
+    Examples:
+        >>> import timm
+        >>> input_channels(timm.create_model("resnet10t", pretrained=False, in_chans=1))
+        1
+        >>> input_channels(timm.create_model("resnet10t", pretrained=False, in_chans=1, features_only=True))
+        1
+    """
+    holders = [model]
+    if isinstance(model, FeatureGetterNet):
+        holders.append(model.model)
+    elif isinstance(model, FeatureHookNet) and "body" in model:
+        holders.append(model["body"])
+    for holder in holders:
+        chans = getattr(holder, "in_chans", None)
+        if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
+            return chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None:
+        return int(conv.in_channels)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    return int(size[0]) if isinstance(size, (tuple, list)) and len(size) == 3 else 3
+
+
 def dummy_sizes(model: nn.Module) -> list[tuple[int, int, int]]:
     """Input sizes ``(C, H, W)`` to try, best first: the first ``img_size`` a module records (a patch
     embedding's), ``pretrained_cfg``'s, then 224 and a few common sizes (a model built for another
-    size, like LeViT, records none).
+    size, like LeViT, records none). ``C`` is always :func:`input_channels`.
 
     Examples:
         >>> import timm
         >>> dummy_sizes(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1))[:2]
         [(3, 64, 64), (3, 224, 224)]
+        >>> dummy_sizes(timm.create_model("starnet_s050", pretrained=False, in_chans=1))[:2]
+        [(1, 224, 224), (1, 64, 64)]
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
-    chans = int(size[0]) if size else int(getattr(model, "in_chans", 3) or 3)
+    chans = input_channels(model)
     found: list[tuple[int, int, int]] = []
     recorded = next((m.img_size for m in model.modules() if getattr(m, "img_size", None) is not None), None)
     if isinstance(recorded, int):
@@ -99,7 +135,7 @@ def dummy_sizes(model: nn.Module) -> list[tuple[int, int, int]]:
     if isinstance(recorded, (tuple, list)) and len(recorded) == 2:
         found.append((chans, int(recorded[0]), int(recorded[1])))
     if size and len(size) == 3:
-        found.append((int(size[0]), int(size[1]), int(size[2])))
+        found.append((chans, int(size[1]), int(size[2])))
     found += [(chans, side, side) for side in (224, 64, 32, 256, 384)]
     return list(dict.fromkeys(found))
 

@@ -161,6 +161,22 @@ def unwrap(model: nn.Module) -> Wrapped | None:
     return Wrapped(shell, original_class(model), path_of, path_of, _wrapper_reference(model))
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The class of the timm model ``model`` is: for a ``features_only`` wrapper, the class it wraps
+    (``ConvNeXt`` for a ``FeatureListNet``, ``VisionTransformer`` for a ``FeatureGetterNet``).
+
+    Examples:
+        >>> import timm
+        >>> model_class_name(timm.create_model("convnext_atto", pretrained=False, features_only=True))
+        'ConvNeXt'
+        >>> model_class_name(timm.create_model("convnext_atto", pretrained=False))
+        'ConvNeXt'
+    """
+    wrapped = unwrap(model)
+    original = wrapped.original if wrapped is not None else None
+    return (original or type(model)).__name__
+
+
 def relocate(description: ModelDescription, wrapped: Wrapped, wrapper: nn.Module) -> ModelDescription:
     """``description`` of the inner model with every site moved to its path in ``wrapper``."""
     sites = []

@@ -16,6 +16,7 @@ from tdsteer_timm.arch import DEFAULT_KIND, SITE_KINDS
 from tdsteer_timm.cli.images import folder_batches, image_files
 from tdsteer_timm.cli.models import architecture_name, create, load_checkpoint
 from tdsteer_timm.description import describe_model
+from tdsteer_timm.features import model_class_name
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "probe")
 PAIRED_METHODS = ("pca_diff", "pca_center")
@@ -120,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     model = create(args.model, image_size, features_only=args.features_only)
     if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
+        load_checkpoint(model, args.checkpoint, image_size=image_size)
     model.to(device)
 
     resolved = describe_model(model, True)
@@ -156,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=None if args.checkpoint is None else str(args.checkpoint),
         timm_model=args.model,
         timm_family=description.architecture,
+        timm_class=model_class_name(model),
         features_only=bool(args.features_only),
     )
     return 0
