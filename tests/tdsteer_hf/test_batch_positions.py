@@ -20,7 +20,7 @@ from torch import nn
 import tdsteer
 import tdsteer_hf
 from tdsteer_hf import contrastive_batches
-from tdsteer_hf.data import TextTooLongError, position_limit
+from tdsteer_hf.model_inputs import TextTooLongError, position_limit
 
 CORPUS = [
     "I love this movie so much",

@@ -23,7 +23,8 @@ from tdsteer_hf.architectures import (
     register_architecture,
     supported,
 )
-from tdsteer_hf.data import CAA_SEPARATOR, ContrastiveBatches, TextTooLongError, contrastive_batches, load_caa_json
+from tdsteer_hf.data import CAA_SEPARATOR, ContrastiveBatches, contrastive_batches, load_caa_json
+from tdsteer_hf.model_inputs import TextTooLongError
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.resolution import ModelLayout, resolve
 from tdsteer_hf.sites import describe, num_layers, sites

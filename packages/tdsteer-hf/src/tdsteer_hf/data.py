@@ -18,7 +18,6 @@ Left-padded halves also carry ``position_ids`` (see :func:`contrastive_batches`)
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -31,6 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tdsteer_hf.model_inputs import TextTooLongError, accepts_position_ids, position_limit, wants_position_ids
+from tdsteer_hf.tokens import chat_prefix, encode, token_at
+
 Read = Literal["last", "answer"]
 CAA_KEYS: tuple[str, str, str] = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 
@@ -38,76 +40,6 @@ CAA_KEYS: tuple[str, str, str] = ("question", "answer_matching_behavior", "answe
 CAA_SEPARATOR = "\n\nAnswer: "
 
 Batch = dict[str, Any]
-
-
-class TextTooLongError(ValueError):
-    """A text has more tokens than the model has positions (its embedding would fail with an IndexError).
-
-    Attributes:
-        longest: Tokens in the longest text.
-        limit: Positions the model takes (``config.max_position_embeddings``).
-        item: Index of the data item that holds the longest text.
-    """
-
-    def __init__(self, longest: int, limit: int, item: int) -> None:
-        self.longest, self.limit, self.item = longest, limit, item
-        super().__init__(
-            f"data item {item} has a text of {longest} tokens but the model takes at most {limit} positions; "
-            f"pass max_length={limit} to keep the last {limit} tokens of each text"
-        )
-
-
-def position_limit(model: Any) -> int | None:
-    """How many positions ``model`` takes: ``config.max_position_embeddings`` (GPT-2's ``n_positions``).
-
-    The one rule for "does this text fit": :func:`contrastive_batches` (with ``model=``) and
-    ``tdsteer extract`` refuse a longer text. ``None`` when the model has no config or states no limit
-    (ALiBi models such as BLOOM).
-
-    Examples:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> position_limit(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=64)))
-        64
-    """
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = getattr(config, "get_text_config", None)
-    if callable(text_config):
-        config = text_config()
-    limit = getattr(config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
-
-
-def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
-    try:
-        return list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-
-
-def _wants_position_ids(model: nn.Module) -> bool:
-    """Whether left-padded rows of ``model`` need ``position_ids`` to read as they read unpadded.
-
-    As ``generate`` decides: the forward names a ``position_ids`` parameter, and the model is not an
-    encoder-decoder. Models that count positions from the token ids themselves (RoBERTa, XLM-R, ESM:
-    ``create_position_ids_from_input_ids``, offset by the pad id) already place left-padded rows right,
-    and 0-based ``position_ids`` would shift them.
-    """
-    parameters = _forward_parameters(model)
-    if parameters is None or not any(parameter.name == "position_ids" for parameter in parameters):
-        return False
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return False
-    return not any(callable(getattr(module, "create_position_ids_from_input_ids", None)) for module in model.modules())
-
-
-def _accepts_position_ids(model: nn.Module) -> bool:
-    """Whether ``model(..., position_ids=...)`` can be called at all (named, or taken by ``**kwargs``)."""
-    parameters = _forward_parameters(model)
-    return parameters is None or any(
-        parameter.name == "position_ids" or parameter.kind is parameter.VAR_KEYWORD for parameter in parameters
-    )
 
 
 @dataclass(frozen=True)
@@ -444,10 +376,10 @@ def contrastive_batches(
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (the model the batches are for), got {type(model).__name__}")
     if position_ids is None:
-        positions = padding == "left" and (model is None or _wants_position_ids(model))
+        positions = padding == "left" and (model is None or wants_position_ids(model))
     else:
         positions = position_ids
-    if positions and model is not None and not _accepts_position_ids(model):
+    if positions and model is not None and not accepts_position_ids(model):
         raise ValueError(
             f"position_ids=True, but {type(model).__name__}.forward takes no position_ids; "
             "pad on the right (the default) instead"
@@ -486,12 +418,12 @@ def contrastive_batches(
             completions = (example.positive, example.negative)
             if use_chat:
                 completions = (
-                    _chat_prefix(tokenizer, example.positive, system_prompt, template),
-                    _chat_prefix(tokenizer, example.negative, system_prompt, template),
+                    chat_prefix(tokenizer, example.positive, system_prompt, template),
+                    chat_prefix(tokenizer, example.negative, system_prompt, template),
                 )
         else:
             prefix = (
-                _chat_prefix(tokenizer, example.prompt, system_prompt, template)
+                chat_prefix(tokenizer, example.prompt, system_prompt, template)
                 if use_chat
                 else example.prompt + example.separator
             )
@@ -500,11 +432,11 @@ def contrastive_batches(
         row_indices: list[int] = []
         for completion in completions:
             text = prefix + completion
-            ids, offsets = _encode(tokenizer, text, add_special_tokens=not use_chat)
+            ids, offsets = encode(tokenizer, text, add_special_tokens=not use_chat)
             index = -1
             if read == "answer" and example.answer is not None:
                 char = len(prefix) + _answer_offset(completion, example.answer, where)
-                index = _token_at(tokenizer, text, ids, offsets, char)
+                index = token_at(tokenizer, text, ids, offsets, char)
             if max_length is not None and len(ids) > max_length:
                 cut = len(ids) - max_length
                 ids = ids[cut:]
@@ -542,54 +474,3 @@ def contrastive_batches(
         pad_token_id=int(pad) if isinstance(pad, int) else 0,
         position_ids=positions,
     )
-
-
-def _chat_prefix(tokenizer: Any, user: str, system_prompt: str | None, template: str | None) -> str:
-    """The chat-formatted prompt up to the start of the assistant's reply."""
-    messages = [{"role": "user", "content": user}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-    except Exception:
-        if system_prompt is None:
-            raise
-        # Templates such as Gemma's refuse a system turn: fold it into the user turn.
-        merged = [{"role": "user", "content": f"{system_prompt}\n\n{user}"}]
-        text = tokenizer.apply_chat_template(merged, chat_template=template, add_generation_prompt=True, tokenize=False)
-    if not isinstance(text, str):
-        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected the formatted string")
-    return text
-
-
-def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
-    if getattr(tokenizer, "is_fast", False):
-        encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        return list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
-    encoding = tokenizer(text, add_special_tokens=add_special_tokens)
-    return list(encoding["input_ids"]), None
-
-
-def _token_at(
-    tokenizer: Any,
-    text: str,
-    ids: list[int],
-    offsets: list[tuple[int, int]] | None,
-    char: int,
-) -> int:
-    """Index of the token that holds character ``char`` of ``text``."""
-    if offsets is not None:
-        covering = [t for t, (start, end) in enumerate(offsets) if start <= char < end]
-        if covering:
-            return covering[-1]
-        before = [t for t, (start, end) in enumerate(offsets) if end > start and start <= char]
-        if before:
-            return before[-1]
-    # No offsets (slow tokenizer): count the tokens of the text up to and including the character,
-    # after the special tokens the tokenizer puts in front.
-    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    lead = next((k for k in range(len(ids) - len(plain) + 1) if ids[k : k + len(plain)] == plain), 0)
-    head = tokenizer(text[: char + 1], add_special_tokens=False)["input_ids"]
-    return min(lead + len(head) - 1, len(ids) - 1)

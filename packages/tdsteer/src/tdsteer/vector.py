@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tdsteer import formats
+from tdsteer import control_vectors, formats
 from tdsteer._version import __version__
 from tdsteer.checks import Check, as_check, report
 from tdsteer.errors import SteeringVectorFileError
@@ -331,7 +331,7 @@ class SteeringVector:
             SteeringVectorFileError: Not a readable GGUF file, no ``direction.N`` tensors, quantized
                 directions, or NaN or infinite values.
         """
-        return cls(*formats.load_gguf(path, path_template=path_template, layout=layout))
+        return cls(*control_vectors.load_gguf(path, path_template=path_template, layout=layout))
 
     def to_gguf(
         self,
@@ -361,7 +361,7 @@ class SteeringVector:
                 or a NaN or infinite direction.
         """
         hint = model_hint or self.metadata.get("model_type")
-        return formats.save_gguf(
+        return control_vectors.save_gguf(
             self.directions, path, sites=self.sites, layer_of=layer_of, model_hint=str(hint) if hint else None
         )
 

@@ -15,7 +15,8 @@ from tdsteer.cli.command import SUMMARIES
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.cli.conditions import add_condition_options, check_condition_options, fit_condition
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
-from tdsteer_hf.data import TextTooLongError, contrastive_batches
+from tdsteer_hf.data import contrastive_batches
+from tdsteer_hf.model_inputs import TextTooLongError
 from tdsteer_hf.pair_files import read_pairs
 from tdsteer_hf.sites import describe
 

@@ -27,6 +27,7 @@ from tdsteer.cli.command import SUMMARIES
 from tdsteer.operators import OPERATORS
 from tdsteer.vector import is_lm_eval_file
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
+from tdsteer_hf.model_inputs import position_limit
 from tdsteer_hf.sites import describe
 
 
@@ -109,8 +110,8 @@ def generate_texts(
     device = next(model.parameters()).device
     inputs = {key: encoded[key].to(device) for key in ("input_ids", "attention_mask") if key in encoded}
     length = int(inputs["input_ids"].shape[1])
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    too_long = isinstance(limit, int) and length + max_new_tokens > limit
+    limit = position_limit(model)
+    too_long = limit is not None and length + max_new_tokens > limit
     beyond = (
         f"the prompt ({length} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's {limit} positions"
     )
