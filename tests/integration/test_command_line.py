@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 from importlib import metadata
@@ -114,10 +116,20 @@ def test_a_commands_help_imports_only_that_command() -> None:
 )
 def test_lazy_roots_export_what_they_type(package: ModuleType) -> None:
     """Each public name resolves on first use, from the imports the package shows to type checkers."""
-    typed = set(type_checking_imports(package.__name__, str(package.__file__)))
-    assert typed == set(package.__all__) - {"__version__"}
-    for name in package.__all__:
-        assert getattr(package, name) is not None, name
+    where = type_checking_imports(package.__name__, str(package.__file__))
+    assert set(where) == set(package.__all__) - {"__version__"}
+    # every submodule imported first: importing one binds its name on the package, which must not
+    # shadow a public name that is something else (a function named like its module)
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name, (module, attribute) in where.items():
+        want = (
+            importlib.import_module(module)
+            if attribute is None
+            else getattr(importlib.import_module(module), attribute)
+        )
+        assert getattr(package, name) is want, name
     assert set(package.__all__) <= set(dir(package))
     with pytest.raises(AttributeError):
         package.no_such_name  # noqa: B018

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from tdsteer_eval.analysis import item_propensities, least_squares_slope, summarize
     from tdsteer_eval.layers import layer_sweep, layer_vectors, record_layers
     from tdsteer_eval.lm import SteeredLM
+    from tdsteer_eval.records import SweepRecord, records_from_results, sweep
     from tdsteer_eval.runner import EvalOptions, run_sweep, task_manager
-    from tdsteer_eval.sweep import SweepRecord, records_from_results, sweep
     from tdsteer_eval.task_data import BEHAVIOUR_TASKS, SHIPPED_TASKS, TASKS_DIR
     from tdsteer_eval.tasks import DEMO_TASK, write_demo_task, write_multiple_choice_task
 else:

@@ -1,4 +1,4 @@
-"""Run lm-eval tasks on a steered model at several multipliers."""
+"""The in-memory sweep: lm-eval tasks on a steered model at several multipliers, as records."""
 
 from __future__ import annotations
 
