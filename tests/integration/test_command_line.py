@@ -190,3 +190,22 @@ def test_a_process_group_left_open_is_left_when_the_command_ends(tmp_path: Path)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_pt_output_name_is_refused_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, _, err = _run(capsys, "extract", "--model", "no-such-model", "--pairs", "none.jsonl", "-o", "v.pt")
+    assert status == 2 and "name it 'v.safetensors'" in err and "no-such-model" not in err
+
+
+def test_a_closed_stdout_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``tdsteer info ... | head -1``: the reader went away; exit 0, no error line."""
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(program, "dispatch", broken)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        status = main(["info", "--vector", "v.safetensors"])
+    assert status == 0 and (tmp_path / "err").read_text() == ""

@@ -184,3 +184,17 @@ def test_a_vector_of_another_architecture_names_its_model_type():
         vector.validate(model)
     with pytest.raises(ValueError, match="made for model type 'llama'"), steer(model, vector):
         pass
+
+
+def test_an_lm_eval_file_is_told_by_its_content(tmp_path):
+    """One rule for every loader and command: a file's first bytes, then its name."""
+    from tdsteer.vector import as_vector, is_lm_eval_file
+
+    vector = SteeringVector({"transformer.h.1": torch.ones(4)}, metadata={"base_model_path": "transformer"})
+    misnamed = tmp_path / "vector.pt"  # a tdsteer safetensors file under lm-eval's suffix
+    misnamed.write_bytes(vector.save(tmp_path / "v.safetensors").read_bytes())
+    exported = vector.to_lm_eval(tmp_path / "steer.bin", scale=2.0)  # lm-eval's format under another suffix
+    assert not is_lm_eval_file(misnamed) and is_lm_eval_file(exported)
+    assert is_lm_eval_file(tmp_path / "missing.pt") and not is_lm_eval_file(tmp_path / "missing.safetensors")
+    assert torch.equal(as_vector(misnamed)["transformer.h.1"], torch.ones(4))
+    assert torch.equal(as_vector(exported)["h.1"], 2 * torch.ones(4))

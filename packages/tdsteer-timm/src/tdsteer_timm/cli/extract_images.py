@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from timm.data import create_transform, resolve_data_config
 
 import tdsteer
-from tdsteer.cli import CLIError, Command, parse_device, parse_layers, positive_int, save_extracted
+from tdsteer.cli import CLIError, Command, output_file, parse_device, parse_layers, positive_int, save_extracted
 from tdsteer.cli.command import SUMMARIES
 from tdsteer.indices import take_indices
 from tdsteer_timm.arch import DEFAULT_KIND, SITE_KINDS
@@ -119,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     positive = image_files(args.positive, "--positive")  # before the model: a bad folder fails fast
     negative = image_files(args.negative, "--negative")
     device = parse_device(args.device)
+    output_file(args.output)
     model = create(args.model, image_size, features_only=args.features_only)
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint, image_size=image_size)

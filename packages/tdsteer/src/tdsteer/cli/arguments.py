@@ -117,10 +117,11 @@ def parse_device(requested: str | None, option: str = "--device") -> torch.devic
 
 
 def output_file(value: str, option: str = "-o") -> Path:
-    """Check an output file option before any work: not a folder, and its folder writable or creatable.
+    """Check an output file option before any work: not a folder, not a ``.pt`` name (lm-eval's
+    format), and its folder writable or creatable.
 
     Raises:
-        CLIError: The path is a folder, or its folder cannot be written.
+        CLIError: The path is a folder or a ``.pt`` name, or its folder cannot be written.
 
     Examples:
         >>> output_file("/tmp/v.safetensors")
@@ -129,6 +130,14 @@ def output_file(value: str, option: str = "-o") -> Path:
     path = Path(value).expanduser()
     if path.is_dir():
         raise CLIError(f"{option} {value!r} is a folder; give a file name, e.g. {Path(value) / 'vector.safetensors'}")
+    from tdsteer.vector import LM_EVAL_SUFFIX  # the vector module's rule; imported when an output is checked
+
+    if path.suffix.lower() == LM_EVAL_SUFFIX:
+        raise CLIError(
+            f"{option} {value!r}: tdsteer writes safetensors files, and a .pt name stands for lm-eval's "
+            f"format; name it {path.with_suffix('.safetensors').name!r} (SteeringVector.load(path).to_lm_eval("
+            "'vector.pt') exports it for lm-eval's steered model)"
+        )
     existing = path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -11,20 +11,20 @@ from tdsteer.cli.command import SUMMARIES, Command
 from tdsteer.cli.messages import CLIError, one_line
 from tdsteer.cli.sources import OpenedModel, open_model
 from tdsteer.model_facts import model_type_of
-from tdsteer.vector import SteeringVector
+from tdsteer.vector import SteeringVector, as_vector
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="model directory or id (needs an adapter: tdsteer-hf, tdsteer-timm)"
     )
-    parser.add_argument("--vector", default=None, help="tdsteer steering-vector file (.safetensors)")
+    parser.add_argument("--vector", default=None, help="steering-vector file (tdsteer .safetensors or lm-eval .pt)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def vector_summary(path: str) -> dict[str, Any]:
     """Sites, shapes, dtypes, norms and metadata of a vector file, JSON-compatible."""
-    vector = SteeringVector.load(Path(path).expanduser())
+    vector = as_vector(Path(path).expanduser())  # a tdsteer file, or an lm-eval .pt file (hookpoints as sites)
     sites = []
     for key, direction in vector.directions.items():
         site = vector.sites[key]
