@@ -99,3 +99,14 @@ def test_patches_on_sites_without_prefix_tokens_warns(toy_lm: ToyLM) -> None:
         steered = block_output(toy_lm, IDS)
     assert torch.equal(steered[:, 0], plain[:, 0])
     torch.testing.assert_close(steered[:, 1:], plain[:, 1:] + 1)
+
+
+def test_a_site_that_does_not_resolve_says_where_the_path_stops(toy_lm: ToyLM) -> None:
+    with (
+        pytest.raises(ValueError, match=r"'blocks' has no '7' \(it holds 3: '0', '1', '2'\)"),
+        tdsteer.steer(toy_lm, {"blocks.7": torch.ones(8)}),
+    ):
+        pass
+    with pytest.raises(ValueError, match=r"the model has no 'model' \(it holds 3: 'embed', 'blocks', 'head'\)"):
+        tdsteer.extract(toy_lm, [{"positive": IDS, "negative": IDS.flip(0)}], ["model.layers.0"], progress=False)
+    assert no_hooks(toy_lm)

@@ -152,7 +152,8 @@ class Condition:
         if not isinstance(rule, dict) or not isinstance(rule.get("threshold"), (int, float)):
             raise ValueError(
                 f"{str(path)!r} is a steering-vector file without a condition (no 'condition' threshold in its "
-                "metadata); save conditions with Condition.save, or build one: tdsteer.Condition(vector, threshold)"
+                "metadata): fit one with `tdsteer extract --condition` or Condition.fit(...).save(path), or build "
+                "one from a direction: tdsteer.Condition(vector, threshold)"
             )
         condition = cls(vector, rule["threshold"], above=bool(rule.get("above", True)), read=str(rule.get("read")))
         accuracy = rule.get("accuracy")

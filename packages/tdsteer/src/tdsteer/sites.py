@@ -91,7 +91,7 @@ class Site:
             module = resolve_submodule_path(model, self.path)
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"Site {self.path!r} does not resolve in {type(model).__name__}: {error}. "
+                f"Site {self.path!r} does not resolve in {type(model).__name__}: {_missing_part(model, self.path) or error}. "
                 "Check the path against model.named_modules(), or build sites with an adapter "
                 "(tdsteer_hf.sites / tdsteer_timm.sites)."
             ) from None
@@ -133,6 +133,32 @@ class Site:
 
 
 SiteLike = Site | str
+
+
+def _missing_part(model: nn.Module, path: str) -> str | None:
+    """Where a dotted path stops resolving, and what the last module it reached holds; ``None`` for
+    other path forms.
+
+    Examples:
+        >>> blocks = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> _missing_part(nn.Sequential(blocks), "0.3")
+        "'0' has no '3' (it holds 2: '0', '1')"
+    """
+    names = path.split(".")
+    if not all(name.isidentifier() or name.isdigit() for name in names):
+        return None
+    module, reached = model, []
+    for name in names:
+        child = module._modules.get(name)
+        if child is None:
+            where = repr(".".join(reached)) if reached else "the model"
+            held = list(module._modules)
+            shown = ", ".join(repr(h) for h in (held if len(held) <= 6 else [*held[:2], "...", held[-1]]))
+            shown = shown.replace("'...'", "...")
+            return f"{where} has no {name!r} (it holds {len(held)}: {shown})" if held else f"{where} has no submodules"
+        module = child
+        reached.append(name)
+    return None
 
 
 def as_site(value: SiteLike) -> Site:
