@@ -411,3 +411,43 @@ def test_error_malformed_pairs(model_dir: Path, tmp_path: Path, capsys: pytest.C
     data.write_text("I love\tI hate\n", encoding="utf-8")
     result = run(capsys, "extract", "--model", model_dir, "--pairs", data, "-o", out, "--read", "answer")
     assert_user_error(result, "read='answer'", "pairs")
+
+
+def test_caa_items_are_read_at_the_answer_letter_by_default(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CAA item ends in "(A)": its last token is the parenthesis; the default read is the answer letter."""
+    items = [
+        {"question": f"{p} ? (A) yes (B) no", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"}
+        for p, _ in PAIRS
+    ]
+    data = tmp_path / "caa.json"
+    data.write_text(json.dumps(items), encoding="utf-8")
+    vectors = {}
+    for read in (None, "answer", "last"):
+        output = tmp_path / f"{read}.safetensors"
+        extra = [] if read is None else ["--read", read]
+        status, _, err = run(
+            capsys, "extract", "--model", model_dir, "--pairs", data, "--layers", "0", "-o", output, *extra
+        )
+        assert status == 0, err
+        vectors[read] = SteeringVector.load(output)
+    assert vectors[None].metadata["read"] == "answer"
+    assert torch.equal(vectors[None]["transformer.h.0"], vectors["answer"]["transformer.h.0"])
+    assert not torch.equal(vectors[None]["transformer.h.0"], vectors["last"]["transformer.h.0"])
+    assert_user_error(
+        run(
+            capsys,
+            "extract",
+            "--model",
+            model_dir,
+            "--pairs",
+            data,
+            "--held-out",
+            "0.2",
+            "-o",
+            tmp_path / "x.safetensors",
+        ),
+        "--held-out",
+        "--condition",
+    )

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tdsteer_hf.data import CAA_KEYS
+
 _TSV_HEADERS = (["positive", "negative"], ["prompt", "positive", "negative"])
 
 
@@ -97,3 +99,16 @@ def _tsv_rows(text: str, path: str | os.PathLike[str]) -> list[tuple[str, ...]]:
             continue
         rows.append(tuple(cells))
     return rows
+
+
+def holds_caa_items(records: list[Any]) -> bool:
+    """Whether every record is a CAA item (``question`` and the two answers), whose answer letter is
+    where the behaviour shows (``read="answer"``), not the closing parenthesis after it.
+
+    Examples:
+        >>> holds_caa_items([{"question": "q", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"}])
+        True
+        >>> holds_caa_items([("I love it", "I hate it")])
+        False
+    """
+    return bool(records) and all(isinstance(r, dict) and all(key in r for key in CAA_KEYS) for r in records)

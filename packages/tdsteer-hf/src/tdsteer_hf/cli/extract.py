@@ -17,7 +17,7 @@ from tdsteer_hf.cli.conditions import add_condition_options, check_condition_opt
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
 from tdsteer_hf.data import contrastive_batches
 from tdsteer_hf.model_inputs import TextTooLongError
-from tdsteer_hf.pair_files import read_pairs
+from tdsteer_hf.pair_files import holds_caa_items, read_pairs
 from tdsteer_hf.sites import describe
 
 READS = ("last", "answer", "mean", "all")
@@ -39,10 +39,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--read",
         choices=READS,
-        default="last",
+        default=None,
         help=(
             "token read: last (last token), answer (the answer token of CAA records and prompt/completion "
-            "records), mean (mean over tokens), all (every token, for --method actadd) (default: last)"
+            "records), mean (mean over tokens), all (every token, for --method actadd) (default: answer for "
+            "CAA records, whose last token is the parenthesis after the answer letter; last otherwise and with "
+            "--condition)"
         ),
     )
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
@@ -66,10 +68,15 @@ def _run(args: argparse.Namespace) -> int:
         positive_int("--max-length", args.max_length)
     layers = parse_layers(args.layers)  # everything the user gave is checked before the model loads
     if args.condition:
+        args.read = args.read or "last"  # a condition reads the prompt, CAA items included
         check_condition_options(args)
+    elif args.held_out:
+        raise CLIError("--held-out measures a condition's accuracy: it goes with --condition")
     output_file(args.output)
     parse_device(args.device)
     records = read_pairs(args.pairs)
+    if args.read is None:
+        args.read = "answer" if holds_caa_items(records) else "last"
     # Under torchrun each rank reads its shard of the pairs; the states are all-reduced once.
     with parallel.process_group():
         return _extract(args, records, layers)
