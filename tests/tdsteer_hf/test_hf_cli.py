@@ -451,3 +451,15 @@ def test_caa_items_are_read_at_the_answer_letter_by_default(
         "--held-out",
         "--condition",
     )
+
+
+def test_a_model_name_that_is_neither_a_folder_nor_reachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped name is no local folder; as a hub id it cannot be fetched (here: offline)."""
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr("tdsteer_hf.cli.loading.AutoConfig.from_pretrained", offline)
+    assert_user_error(run(capsys, "info", "--model", "gtp2"), "'gtp2': it is not a local folder", "hub id")

@@ -95,11 +95,15 @@ def _is_causal(config: Any) -> bool:
 
 def load_config(name: str) -> Any:
     """The model's config; a missing or unreadable one is a :class:`CLIError`."""
+    location = model_location(name)
     try:
-        return AutoConfig.from_pretrained(model_location(name))
-    except CLIError:
-        raise
+        return AutoConfig.from_pretrained(location)
     except Exception as error:  # noqa: BLE001 - a malformed config.json fails in many ways inside transformers
+        if not Path(location).is_dir():
+            raise CLIError(
+                f"cannot load the model {name!r}: it is not a local folder, and as a Hugging Face hub id it could not "
+                f"be fetched (offline, a typo, or a private model?): {one_line(error)}"
+            ) from None
         raise CLIError(
             f"cannot load the model config of {name!r} (is config.json a JSON object?): {one_line(error)}"
         ) from None
