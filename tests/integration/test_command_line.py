@@ -209,3 +209,23 @@ def test_a_closed_stdout_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
         monkeypatch.setattr(sys, "stderr", err)
         status = main(["info", "--vector", "v.safetensors"])
     assert status == 0 and (tmp_path / "err").read_text() == ""
+
+
+def test_a_name_one_source_cannot_open_gets_another_sources_close_names(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tdsteer info --model resnt18``: the hub source takes any id and fails; timm knows ``resnet18``."""
+    from tdsteer_timm.cli.source import SOURCE as TIMM
+
+    class Hub:
+        name = "hf"
+
+        def recognizes(self, name: str) -> int:
+            return 1
+
+        def open(self, name: str) -> object:
+            raise CLIError(f"cannot load the model {name!r}.")
+
+    monkeypatch.setattr("tdsteer.cli.sources.installed_sources", lambda: [Hub(), TIMM])
+    status, _, err = _run(capsys, "info", "--model", "resnt18")
+    assert status == 2 and "cannot load the model 'resnt18'; did you mean timm model 'resnet18'" in err

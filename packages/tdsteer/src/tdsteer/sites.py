@@ -147,7 +147,7 @@ def _missing_part(model: nn.Module, path: str) -> str | None:
     names = path.split(".")
     if not all(name.isidentifier() or name.isdigit() for name in names):
         return None
-    module, reached = model, []
+    module, reached = model, list[str]()
     for name in names:
         child = module._modules.get(name)
         if child is None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+
+import timm
+
 from tdsteer.cli import NO, SURE, OpenedModel
 from tdsteer_timm.cli.models import create, is_timm_model, parameter_count
 from tdsteer_timm.description import describe
@@ -20,6 +24,15 @@ class TimmSource:
             (True, True)
         """
         return SURE if is_timm_model(name) else NO
+
+    def close_names(self, name: str) -> list[str]:
+        """timm model names close to ``name`` (a typo), closest first.
+
+        Examples:
+            >>> SOURCE.close_names("resnt18")[0]
+            'resnet18'
+        """
+        return difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.85)
 
     def open(self, name: str) -> OpenedModel:
         """Build the model on the CPU with ``pretrained=False`` and describe it."""

@@ -82,4 +82,17 @@ def open_model(name: str) -> OpenedModel:
     if score == NO:
         names = ", ".join(source.name for source in sources)
         raise CLIError(f"no installed adapter ({names}) recognises model {name!r}; give a model directory or id")
-    return best.open(name)
+    try:
+        return best.open(name)
+    except CLIError as error:
+        # another source may know a name close to this one (a typo of a timm model falls through to the hub)
+        close = [f"{source.name} model {match!r}" for source in sources for match in _close_names(source, name)]
+        if close:
+            raise CLIError(f"{str(error).rstrip('.')}; did you mean {' or '.join(close[:3])}?") from None
+        raise
+
+
+def _close_names(source: ModelSource, name: str) -> list[str]:
+    """Names close to ``name`` that ``source`` knows (a source may offer ``close_names(name)``)."""
+    close_names = getattr(source, "close_names", None)
+    return list(close_names(name)) if callable(close_names) else []
