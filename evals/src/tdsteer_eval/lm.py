@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ import tdsteer
 from tdsteer import SteeringVector
 from tdsteer.checks import Check, as_check
 from tdsteer.handle import SteeringHandle
-from tdsteer.operators import as_operator
+from tdsteer.operators import OPERATORS, as_operator
 from tdsteer.positions import POSITION_POLICIES, PositionsLike, as_token_policy
 from tdsteer.vector import VectorSource, as_vector, is_lm_eval_file
 from tdsteer_eval.scoring import assistant_marker_ids, continuation_start, marker_start, score_requests
@@ -25,6 +26,32 @@ from tdsteer_eval.vectors import describe_condition
 #: Position policies of :class:`SteeredLM`: the core's, plus ``"assistant"``.
 POSITIONS = (*POSITION_POLICIES[:-1], "assistant", POSITION_POLICIES[-1])
 ROW_POLICIES = ("continuation", "assistant")
+#: The operator names a command line accepts (the core's registry, :data:`tdsteer.operators.OPERATORS`).
+OPERATOR_NAMES: tuple[str, ...] = tuple(OPERATORS)
+
+
+def as_scale(value: Any) -> float:
+    """A scale as :class:`SteeredLM` takes it: a number, or its text (``model_args`` values are text).
+
+    Raises:
+        TypeError: Neither a number nor text (a bool included).
+        ValueError: Text that is not a number, or a number that is not finite.
+
+    Examples:
+        >>> as_scale("-2.5"), as_scale(4)
+        (-2.5, 4.0)
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"scale {value!r} is not a number: give e.g. scale=4 or scale=-2.5") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"scale must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"scale must be finite, got {value}")
+    return number
 
 
 def check_positions(positions: PositionsLike) -> PositionsLike:
@@ -82,8 +109,11 @@ class SteeredLM(HFLM):
         vector: A :class:`tdsteer.SteeringVector`, the path of a tdsteer ``.safetensors`` file or of
             an lm-eval ``steered`` ``.pt`` file (hookpoints relative to ``model.base_model``), or a
             mapping ``{site path: tensor}``. Site paths are relative to the model root.
-        scale: Multiplier of the vector (``0`` with ``operator="add"`` leaves the model unchanged).
-        operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, or a tdsteer operator.
+        scale: Multiplier of the vector (``0`` with ``operator="add"`` leaves the model unchanged): a
+            number, or its text as ``model_args`` give it (``"4"``); the :attr:`scale` property takes
+            numbers only.
+        operator: A name of :data:`tdsteer.operators.OPERATORS` (``"add"``, ``"ablate"`` or its alias
+            ``"project_out"``, ``"clamp"``, ``"add_norm"``), or a tdsteer operator.
         positions: Which tokens are steered. ``"all"``; ``"continuation"``: in loglikelihood requests
             the positions whose outputs score the continuation (the last context token and the
             continuation's tokens but its last), the context before them untouched; in generation
@@ -104,7 +134,9 @@ class SteeredLM(HFLM):
             ``parallelize``...).
 
     Raises:
-        ValueError: A site of the vector does not exist in the model, or an argument is invalid.
+        ValueError: A site of the vector does not exist in the model, or an argument is invalid (a
+            ``scale`` text that is not a number included).
+        TypeError: ``scale`` is neither a number nor text.
 
     Examples:
         >>> from tdsteer_eval.lm import SteeredLM  # doctest: +SKIP
@@ -131,6 +163,7 @@ class SteeredLM(HFLM):
                 "or a tdsteer.SteeringVector"
             )
         as_check(check)
+        scale = as_scale(scale)  # model_args give text: a bad scale fails before the model loads
         self._core_positions = check_positions(positions)
         as_operator(operator)  # a bad operator fails before the model loads
         # Before the model loads, so that a bad file fails fast (a .pt file is re-keyed once the model is known).
@@ -193,11 +226,9 @@ class SteeredLM(HFLM):
 
     @scale.setter
     def scale(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
             raise TypeError(f"scale must be a number, got {value!r}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"scale must be finite, got {value}")
+        value = as_scale(value)
         self._scale = value
         if self._handle is not None:
             self._handle.set(scale=value)

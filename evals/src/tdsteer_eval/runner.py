@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 import lm_eval
 import lm_eval.evaluator
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.tasks import TaskManager
 
 from tdsteer import SteeringVector
@@ -128,13 +130,36 @@ def task_manager(
     return manager
 
 
+def git_commit_hash() -> str | None:
+    """lm-eval's ``git_hash`` of a result, as ``lm_eval.loggers.utils.get_git_commit_hash`` finds it
+    (``git describe --always`` in the working directory, else the ``.git`` folder there), without
+    git's ``fatal: not a git repository`` on stderr outside a repository."""
+    try:
+        described = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)  # noqa: S607
+        return described.strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextmanager
+def quiet_git() -> Iterator[None]:
+    """lm-eval's evaluations record the git hash of the working directory with :func:`git_commit_hash`
+    (the same value, git's complaint outside a repository kept off stderr)."""
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
 @contextmanager
 def environment_once() -> Iterator[None]:
     """Collect lm-eval's environment report once for all the evaluations of a sweep.
 
     ``simple_evaluate`` adds it to every result by running ``torch.utils.collect_env`` (``pip list``
     and other subprocesses: about a second each time, most of a small evaluation); within one
-    sweep it cannot change.
+    sweep it cannot change. The git hash is read quietly (:func:`quiet_git`).
     """
     original = lm_eval.evaluator.add_env_info
     collected: dict[str, Any] = {}
@@ -146,7 +171,8 @@ def environment_once() -> Iterator[None]:
 
     lm_eval.evaluator.add_env_info = add_env_info
     try:
-        yield
+        with quiet_git():
+            yield
     finally:
         lm_eval.evaluator.add_env_info = original
 

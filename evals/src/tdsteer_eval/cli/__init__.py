@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             tdsteer-eval demo-task tasks/
             tdsteer-eval sweep --model gpt2 --vector honesty.safetensors --tasks tdsteer_demo_mc \\
-                --multipliers -2,0,2 --include-path tasks/ -o sweep.json
+                --multipliers -2,0,2 --include-path tasks/ -o runs/honesty
             tdsteer-eval run --model tdsteer --model_args pretrained=gpt2,vector=v.safetensors --tasks hellaswag
     """
     arguments = list(sys.argv[1:] if argv is None else argv)

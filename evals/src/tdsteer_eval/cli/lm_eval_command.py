@@ -11,6 +11,9 @@ from lm_eval.utils import setup_logging
 import tdsteer_eval  # noqa: F401  (registers the 'tdsteer' model with lm-eval)
 from tdsteer.cli import Command
 from tdsteer.cli.command import SUMMARIES
+from tdsteer_eval.cli.sweep_checks import unexpected_argument
+from tdsteer_eval.lm import OPERATOR_NAMES
+from tdsteer_eval.runner import quiet_git
 from tdsteer_eval.task_data import SHIPPED_TASKS, include_paths
 
 MODEL_HELP = f"""
@@ -19,7 +22,7 @@ tdsteer model: --model tdsteer --model_args pretrained=NAME,vector=FILE[,...]
                        trust_remote_code=True, parallelize=True for a model spread over devices)
   vector=FILE          steering vector: a tdsteer .safetensors file, or an lm-eval steered .pt file
   scale=X              multiplier of the vector (default 1; 0 is the unsteered model)
-  operator=NAME        add, ablate, clamp or add_norm (default add)
+  operator=NAME        {", ".join(OPERATOR_NAMES)} (default add)
   positions=POLICY     all (default), continuation (the tokens that score the answer, or the last
                        prompt token and the generated ones), assistant (from the end of the chat
                        template's user turn: CAA), prompt, generated, K or from:K
@@ -48,6 +51,9 @@ def run_lm_eval(argv: list[str]) -> int:
 
     Returns:
         ``0`` (lm-eval raises or exits on failure).
+
+    Raises:
+        CLIError: The model refuses an argument of ``--model_args``.
     """
     setup_logging()  # as lm-eval's own entry point does
     cli = harness()
@@ -61,7 +67,14 @@ def run_lm_eval(argv: list[str]) -> int:
     args = cli._parser.parse_args(arguments)
     if hasattr(args, "include_path"):
         args.include_path = include_paths(args.include_path)
-    cli.execute(args)
+    try:
+        with quiet_git():  # no "fatal: not a git repository" outside a repository
+            cli.execute(args)
+    except TypeError as error:
+        refused = unexpected_argument(error, getattr(args, "model_args", None) or {}, "--model_args")
+        if refused is None:
+            raise
+        raise refused from None
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tdsteer
 from tdsteer import SteeringVector
-from tdsteer.cli import CLIError, one_line, parse_layers, parse_positions, parse_scales, positive_int
+from tdsteer.cli import CLIError, one_line, parse_layers, parse_positions, parse_scales, positive_int, warn
 from tdsteer.model_facts import model_hidden_size
 from tdsteer.operators import as_operator
 from tdsteer.positions import PositionsLike
@@ -55,8 +56,28 @@ class SweepPlan:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+#: ``--model-args`` keys that have an option of their own (the model would get them twice).
+OWN_OPTIONS = {
+    "pretrained": "--model",
+    "vector": "--vector",
+    "scale": "--scales",
+    "scales": "--scales",
+    "multipliers": "--scales",
+    "operator": "--operator",
+    "positions": "--positions",
+    "sites": "--sites",
+    "check": "--check",
+    "assistant_marker": "--assistant-marker",
+    "condition": "--condition",
+    "batch_size": "--batch-size",
+}
+
+
 def parse_mapping(value: str | None, option: str) -> dict[str, Any]:
     """A JSON object or ``key=value,key=value`` (lm-eval's forms of ``--model_args`` and ``--metadata``).
+
+    Raises:
+        CLIError: Not a JSON object, or an item that is not ``key=value``.
 
     Examples:
         >>> parse_mapping('{"caa_path": "a.json"}', "--metadata"), parse_mapping("dtype=float32", "--model-args")
@@ -73,10 +94,71 @@ def parse_mapping(value: str | None, option: str) -> dict[str, Any]:
         if not isinstance(parsed, dict):
             raise CLIError(f"{option}: expected a JSON object")
         return parsed
+    for item in text.split(","):
+        key, equals, _ = item.partition("=")
+        if item.strip() and (not equals or not key.strip()):
+            raise CLIError(f"{option} {value!r}: {item.strip()!r} is not key=value; use key=value,key=value or JSON")
     try:
         return dict(simple_parse_args_string(text))
     except (ValueError, IndexError):
         raise CLIError(f"{option} {value!r}: use key=value,key=value or a JSON object") from None
+
+
+def check_model_args(value: str | None) -> dict[str, Any]:
+    """``--model-args``: more ``HFLM`` arguments, none of which has an option of its own.
+
+    Examples:
+        >>> check_model_args("parallelize=True")
+        {'parallelize': True}
+        >>> check_model_args("scale=3")
+        Traceback (most recent call last):
+        tdsteer.cli.messages.CLIError: --model-args scale=...: give it with --scales, not in --model-args
+    """
+    model_args = parse_mapping(value, "--model-args")
+    for key in model_args:
+        if key in OWN_OPTIONS:
+            raise CLIError(f"--model-args {key}=...: give it with {OWN_OPTIONS[key]}, not in --model-args")
+    return model_args
+
+
+def unexpected_argument(error: TypeError, given: Any, option: str) -> CLIError | None:
+    """The one-line error for a model that refuses an argument the user gave in ``option``, or ``None``
+    when ``error`` is not that (transformers passes unknown ``from_pretrained`` keywords on to the
+    model's ``__init__``, which raises ``TypeError``)."""
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    if found is None or found.group(1) not in given:
+        return None
+    name = found.group(1)
+    return CLIError(f"{option} {name}=...: the model does not take it ({one_line(error)}); drop it or fix its name")
+
+
+def check_scales(values: list[str]) -> list[float]:
+    """``--scales``: numbers separated by commas, each once; a warning when ``0`` is not among them.
+
+    Raises:
+        CLIError: An empty item (``1,,2``), a value that is not a finite number, or a scale given twice.
+
+    Examples:
+        >>> check_scales(["-2,0,2"])
+        [-2.0, 0.0, 2.0]
+    """
+    for value in values:
+        if any(not part.strip() for part in value.split(",")):
+            raise CLIError(
+                f"--scales {value!r} has an empty item: separate the numbers with single commas, e.g. -4,0,4"
+            )
+    scales = parse_scales(values, "--scales")
+    seen: set[float] = set()
+    for scale in scales:
+        if scale in seen:
+            raise CLIError(f"--scales: {scale:g} is given twice; give each scale once")
+        seen.add(scale)
+    if 0.0 not in seen:
+        listed = ",".join(f"{s:g}" for s in sorted([*scales, 0.0]))
+        warn(
+            f"--scales has no 0: capability retention (each metric relative to scale 0) will be empty; add it: {listed}"
+        )
+    return scales
 
 
 def check_positions(value: str) -> PositionsLike:
@@ -156,7 +238,11 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
     Raises:
         CLIError, ValueError, OSError: A bad input (one line, exit status 2).
     """
-    scales = parse_scales(args.scales, "--scales")
+    if args.vector is None and args.layers is None:
+        raise CLIError("give --vector FILE (sweep one vector) or --layers L --pairs FILE (fit and sweep one per layer)")
+    if args.vector is not None and args.layers is not None:
+        raise CLIError("give --vector FILE (one vector) or --layers L --pairs FILE (a layer sweep), not both")
+    scales = check_scales(args.scales)
     positions = check_positions(args.positions)
     try:
         as_operator(args.operator)
@@ -166,13 +252,13 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
         raise CLIError(f"--batch-size {args.batch_size!r}: a positive integer or 'auto'")
     if args.batch_size != "auto":
         positive_int("--batch-size", int(args.batch_size))
-    if (args.vector is None) == (args.layers is None):
-        raise CLIError("give --vector FILE (one vector) or --layers L --pairs FILE (a layer sweep), not both")
     if args.limit is not None and args.limit <= 0:
         raise CLIError(f"--limit must be positive, got {args.limit:g}")
     metadata = parse_mapping(args.metadata, "--metadata")
-    model_args = parse_mapping(args.model_args, "--model-args")
-    parse_mapping(args.gen_kwargs, "--gen-kwargs")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise CLIError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    model_args = check_model_args(args.model_args)
+    gen_kwargs = parse_mapping(args.gen_kwargs, "--gen-kwargs")
     tasks = [t.strip() for t in ",".join(args.tasks).split(",") if t.strip()]
     if not tasks:
         raise CLIError("--tasks needs at least one task name")
@@ -190,7 +276,8 @@ def check_sweep(args: argparse.Namespace) -> SweepPlan:
         limit=limit,
         num_fewshot=args.num_fewshot,
         apply_chat_template=args.apply_chat_template,
-        gen_kwargs=args.gen_kwargs,
+        # lm-eval parses text as key=value itself; a JSON object goes as the dict it is
+        gen_kwargs=gen_kwargs if args.gen_kwargs and args.gen_kwargs.strip().startswith("{") else args.gen_kwargs,
         seed=args.seed,
         log_samples=args.log_samples,
     )

@@ -4,6 +4,7 @@ results folder with ``results.json``, CSV files, plots and ``report.md``."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
@@ -11,15 +12,17 @@ import torch
 from tdsteer.checks import CHECKS
 from tdsteer.cli import Command, parse_device
 from tdsteer.cli.command import SUMMARIES
-from tdsteer_eval.cli.sweep_checks import SweepPlan, check_sweep
+from tdsteer.cli.messages import PROG
+from tdsteer_eval.cli.sweep_checks import SweepPlan, check_model_args, check_sweep, unexpected_argument
 from tdsteer_eval.layers import layer_sweep
-from tdsteer_eval.lm import POSITIONS, SteeredLM
+from tdsteer_eval.lm import OPERATOR_NAMES, POSITIONS, SteeredLM
 from tdsteer_eval.results import check_output
 from tdsteer_eval.runner import run_sweep
 from tdsteer_hf.architectures import DEFAULT_KIND, SITE_KINDS
 from tdsteer_hf.data import contrastive_batches
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INTERRUPTED = 130  # the exit status of an interrupted command (tdsteer's and the shell's)
 READS = ("last", "answer", "mean")
 FIT_METHODS = ("mean_diff", "pca_diff", "pca_center", "probe")  # what an activation cache fits from its rows
 
@@ -29,9 +32,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", required=True, help="Hugging Face model id or local directory")
     model.add_argument("--vector", default=None, help="steering vector: tdsteer .safetensors or lm-eval steered .pt")
     model.add_argument("--sites", default=None, help="steer only these sites of the vector (comma-separated keys)")
-    model.add_argument("--operator", default="add", help="add, ablate, clamp or add_norm (default: add)")
+    model.add_argument("--operator", default="add", help=f"{', '.join(OPERATOR_NAMES)} (default: add)")
     model.add_argument("--positions", default="all", help=f"{', '.join(POSITIONS)} (default: all)")
-    model.add_argument("--check", choices=CHECKS, default="warn", help="vector made for another model type")
+    model.add_argument(
+        "--check",
+        choices=CHECKS,
+        default="warn",
+        help="when the vector was made for another model type (default: warn)",
+    )
     model.add_argument("--assistant-marker", default=None, help="for --positions assistant: text opening the reply")
     model.add_argument(
         "--condition",
@@ -43,17 +51,32 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     model.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true", help="run the model's code")
     model.add_argument(
-        "--model-args", "--model_args", default=None, help="more HFLM arguments: k=v,k=v or JSON (parallelize=True)"
+        "--model-args",
+        "--model_args",
+        default=None,
+        help="more HFLM arguments: k=v,k=v or JSON (parallelize=True); not those with an option of their own",
     )
     layers = parser.add_argument_group("layer sweep (instead of --vector)")
-    layers.add_argument("--layers", default=None, help="fit and sweep one vector per layer: all, 2:10, 0,-1...")
+    layers.add_argument(
+        "--layers",
+        default=None,
+        help="fit and sweep one vector per layer: all, 0,-1, or a slice without its end (2:10 is 2 to 9)",
+    )
     layers.add_argument("--pairs", default=None, help="contrastive data for --layers (CAA JSON, pairs, triples)")
     layers.add_argument("--kind", choices=SITE_KINDS, default=DEFAULT_KIND, help="site kind (default: resid_post)")
-    layers.add_argument("--method", choices=FIT_METHODS, default="mean_diff", help="fit of each layer's vector")
+    layers.add_argument(
+        "--method", choices=FIT_METHODS, default="mean_diff", help="fit of each layer's vector (default: mean_diff)"
+    )
     layers.add_argument("--read", choices=READS, default="last", help="token read of --pairs (default: last)")
     run = parser.add_argument_group("evaluation (lm-eval's options)")
     run.add_argument("--tasks", required=True, nargs="+", help="task names, comma- or space-separated")
-    run.add_argument("--scales", "--multipliers", required=True, nargs="+", help="scales, e.g. -4,-2,0,2,4")
+    run.add_argument(
+        "--scales",
+        "--multipliers",
+        required=True,
+        nargs="+",
+        help="scales, each once, e.g. -4,-2,0,2,4 (include 0, the baseline of capability retention)",
+    )
     run.add_argument("--include-path", "--include_path", action="append", default=None, help="task YAML folder")
     run.add_argument("--include-defaults", action="store_true", help="load lm-eval's catalogue up front")
     run.add_argument("--metadata", default=None, help='task metadata, JSON or k=v (e.g. \'{"caa_path": "x.json"}\')')
@@ -86,19 +109,25 @@ def load_lm(plan: SweepPlan, args: argparse.Namespace) -> SteeredLM:
     kwargs = dict(plan.model_args)
     # the device of the inputs; with parallelize=True accelerate places the layers (device_map)
     kwargs.setdefault("device", str(parse_device(args.device)))
-    return SteeredLM(
-        pretrained=plan.model,
-        vector=vector,
-        scale=plan.scales[0],
-        operator=args.operator,
-        positions=plan.positions,
-        sites=plan.vector.keys() if plan.vector is not None else None,
-        check=args.check,
-        assistant_marker=args.assistant_marker,
-        condition=args.condition,
-        batch_size=int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size,
-        **kwargs,
-    )
+    try:
+        return SteeredLM(
+            pretrained=plan.model,
+            vector=vector,
+            scale=plan.scales[0],
+            operator=args.operator,
+            positions=plan.positions,
+            sites=plan.vector.keys() if plan.vector is not None else None,
+            check=args.check,
+            assistant_marker=args.assistant_marker,
+            condition=args.condition,
+            batch_size=int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size,
+            **kwargs,
+        )
+    except TypeError as error:
+        refused = unexpected_argument(error, check_model_args(args.model_args), "--model-args")
+        if refused is None:
+            raise
+        raise refused from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -107,6 +136,19 @@ def _run(args: argparse.Namespace) -> int:
     check_output(plan.output, plan.provenance)
     lm = load_lm(plan, args)
     leader = lm.rank == 0
+    try:
+        return _sweep(lm, plan, args, leader)
+    except KeyboardInterrupt:
+        if leader:
+            print(
+                f"{PROG}: interrupted; the finished runs are kept in {plan.output}: run the same command again to "
+                "resume the sweep",
+                file=sys.stderr,
+            )
+        return INTERRUPTED
+
+
+def _sweep(lm: SteeredLM, plan: SweepPlan, args: argparse.Namespace, leader: bool) -> int:
     progress = print if leader else None
     if plan.vector is not None:
         data = run_sweep(
