@@ -71,3 +71,45 @@ def test_propensity_rises_and_perplexity_is_untouched_at_zero(demo: Path) -> Non
     )
     metric, _, filter_name = key.partition(",")
     assert at_zero == plain["results"]["tdsteer_perplexity"][f"{metric},{filter_name}"]
+
+
+@pytest.mark.slow
+def test_perplexity_scores_each_held_out_review(demo: Path) -> None:
+    """The held-out file has a review a line: --limit 24 scores 24 documents, not one 200-review text."""
+    results = json.loads((demo / "results.json").read_text())
+    capability = results["summary"]["tdsteer_perplexity"]["capability"]["word_perplexity,none"]["values"]
+    assert all(3.0 < value < 10.0 for value in capability), capability  # one long text without separators: ~13
+    assert results["provenance"]["demo"]["text"]["file"] == "neutral_heldout.txt"
+
+
+@pytest.mark.slow
+def test_an_identical_rerun_recomputes_nothing(
+    demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = json.loads((demo / "results.json").read_text())
+
+    def evaluate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished scale was evaluated again")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+    assert main(["demo", "-o", str(demo), "--limit", "24"]) == 0
+    assert "5 of 5 scales were already in" in capsys.readouterr().out
+    after = json.loads((demo / "results.json").read_text())
+    assert after["metrics"] == before["metrics"] and after["items"] == before["items"]
+    assert (demo / "vector.safetensors").is_file()
+    assert "vector.safetensors (in this folder)" in (demo / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_other_settings_are_refused_before_any_work(
+    demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tdsteer_eval.cli.demo_command as demo_command
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before the folder was checked")
+
+    monkeypatch.setattr(demo_command, "load_demo_model", load)
+    assert main(["demo", "-o", str(demo), "--limit", "24", "--scales", "-1,0,1"]) == 2
+    error = capsys.readouterr().err
+    assert "other settings (demo.scales)" in error and "-o DIR" in error

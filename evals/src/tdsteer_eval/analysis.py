@@ -126,14 +126,17 @@ def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float | Non
 def retention(value: float, baseline: float | None, higher_is_better: bool | None) -> float | None:
     """``value`` relative to ``baseline`` (scale 0): ``value / baseline`` for a metric where higher is
     better, ``baseline / value`` where lower is (perplexity), so that below 1 is always worse.
+    ``None`` without a baseline, with a baseline of 0, and for a lower-is-better value of 0.
 
     Examples:
-        >>> retention(0.4, 0.5, True), retention(20.0, 10.0, False)
-        (0.8, 0.5)
+        >>> retention(0.4, 0.5, True), retention(20.0, 10.0, False), retention(0.0, 0.5, True)
+        (0.8, 0.5, 0.0)
     """
-    if baseline is None or baseline == 0 or value == 0:
+    if baseline is None or baseline == 0:
         return None
-    return baseline / value if higher_is_better is False else value / baseline
+    if higher_is_better is False:
+        return None if value == 0 else baseline / value
+    return value / baseline
 
 
 def summarize(

@@ -24,6 +24,9 @@ RESULTS = "results.json"
 CACHE_FOLDER = "activations"  # a layer sweep's activation cache, recorded before the first result
 #: Provenance entries that may differ when a sweep resumes (they describe the run, not the results).
 UNCOMPARED = ("date",)
+#: Entries of the vector's metadata that may differ too: when it was made, not what it is (a vector
+#: extracted again from the same model, data, sites, method and read gets a new ``created`` time).
+UNCOMPARED_VECTOR_METADATA = ("created",)
 
 Run = tuple[str | None, float]  # (layer site key, or None for one vector; scale)
 
@@ -33,15 +36,33 @@ class SweepFolderError(ValueError):
 
 
 def _comparable(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in provenance.items() if k not in UNCOMPARED}, default=str))
+    """The provenance that must match for a sweep to resume: all but :data:`UNCOMPARED`, and the
+    vector's metadata without :data:`UNCOMPARED_VECTOR_METADATA`.
+
+    Examples:
+        >>> a = {"date": "monday", "vector": {"metadata": {"method": "mean_diff", "created": "monday"}}}
+        >>> b = {"date": "friday", "vector": {"metadata": {"method": "mean_diff", "created": "friday"}}}
+        >>> _comparable(a) == _comparable(b)
+        True
+    """
+    kept = {k: v for k, v in provenance.items() if k not in UNCOMPARED}
+    vector = kept.get("vector")
+    if isinstance(vector, Mapping) and isinstance(vector.get("metadata"), Mapping):
+        metadata = {k: v for k, v in vector["metadata"].items() if k not in UNCOMPARED_VECTOR_METADATA}
+        kept["vector"] = {**vector, "metadata": metadata}
+    return json.loads(json.dumps(kept, default=str))
 
 
-def check_output(path: str | os.PathLike[str], provenance: Mapping[str, Any] | None = None) -> Path:
+def check_output(
+    path: str | os.PathLike[str], provenance: Mapping[str, Any] | None = None, *, partial: bool = False
+) -> Path:
     """Check a results folder before any work: not a file, not a foreign folder, same settings.
 
     Args:
         path: The folder (created later when missing).
         provenance: The sweep's settings; a folder with ``results.json`` must hold the same ones.
+        partial: Compare only the entries ``provenance`` has (a check before the others are known,
+            such as a vector's metadata before it is extracted).
 
     Returns:
         The folder.
@@ -59,24 +80,47 @@ def check_output(path: str | os.PathLike[str], provenance: Mapping[str, Any] | N
         >>> check_output(folder)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        tdsteer_eval.results.SweepFolderError: output folder '...' is not empty and holds no results.json; use a new folder
+        tdsteer_eval.results.SweepFolderError: output folder '...' is not empty and holds no results.json; use a new folder (-o DIR)
     """
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SweepFolderError(f"output {str(path)!r} is a file; give a folder for the results")
     results = folder / RESULTS
     if folder.is_dir() and not results.exists() and any(p.name != CACHE_FOLDER for p in folder.iterdir()):
-        raise SweepFolderError(f"output folder {str(path)!r} is not empty and holds no {RESULTS}; use a new folder")
+        raise SweepFolderError(
+            f"output folder {str(path)!r} is not empty and holds no {RESULTS}; use a new folder (-o DIR)"
+        )
     if results.exists() and provenance is not None:
         stored = _load(results)
         old, new = _comparable(stored.get("provenance", {})), _comparable(provenance)
+        if partial:
+            old = {k: old.get(k) for k in new}
         if old != new:
-            differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            differing = _differing(old, new)
             raise SweepFolderError(
                 f"output folder {str(path)!r} holds a sweep with other settings ({', '.join(differing)}); "
-                "use another folder to start a new sweep"
+                "give another folder (-o DIR) to start a new sweep"
             )
     return folder
+
+
+def _differing(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The entries that differ, named down to the second level (``demo.scales``, ``vector.metadata``).
+
+    Examples:
+        >>> _differing({"scales": [0], "demo": {"limit": 5, "layers": None}}, {"scales": [1], "demo": {"limit": 6}})
+        ['demo.limit', 'scales']
+    """
+    names = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            names += [f"{key}.{sub}" for sub in sorted(a.keys() | b.keys()) if a.get(sub) != b.get(sub)]
+        else:
+            names.append(key)
+    return names
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -11,7 +11,9 @@ task                     data                                            data ke
                          ``answer_not_matching_behavior`` records
 ``tdsteer_mwe``          model-written-evals JSONL (Perez et al.):        ``mwe_path``
                          free-text answers (``" Yes"`` / ``" No"``)
-``tdsteer_perplexity``   a UTF-8 text file, one document per paragraph    ``text_path``
+``tdsteer_perplexity``   a UTF-8 text file: one document per paragraph    ``text_path``
+                         (blank-line separated), or one per line when
+                         the file has no blank line between texts
 =======================  ==============================================  ==================
 
 Point a task at your own file with lm-eval's ``--metadata '{"caa_path": "refusal.json"}'`` (or
@@ -19,6 +21,13 @@ Point a task at your own file with lm-eval's ``--metadata '{"caa_path": "refusal
 ``include:``-s the shipped one. The two behaviour tasks score the matching answer as choice 0
 against the non-matching one, so ``acc`` is the rate of matching behaviour and the per-item
 propensity is ``log p(matching) - log p(non-matching)``.
+
+The documents of ``tdsteer_perplexity`` are scored one by one (each from the start, after the
+end-of-text token), and ``limit`` counts them. A file with a blank line anywhere between texts is
+split into paragraphs at blank lines (a paragraph may span several lines); a file with no blank line
+between texts holds one document per line (the demo's ``neutral_heldout.txt``: 200 reviews, one a
+line). The metadata key ``text_split`` (``"paragraph"`` or ``"line"``) overrides the guess, for
+example to score a file of one multi-line document without blank lines as one document.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +57,8 @@ logging.getLogger("lm_eval.api.task").addFilter(lambda record: "Custom kwargs ca
 
 #: Shipped tasks whose items are an A/B pair: matching answer (choice 0) vs non-matching (choice 1).
 BEHAVIOUR_TASKS = ("tdsteer_caa_ab", "tdsteer_mwe")
+#: Values of the ``text_split`` metadata key of ``tdsteer_perplexity`` (without it: see :func:`split_documents`).
+TEXT_SPLITS = ("paragraph", "line")
 
 
 class TaskDataError(ValueError):
@@ -90,11 +102,42 @@ def check_data_file(task: str, options: Mapping[str, Any]) -> Path:
         TaskDataError: Missing or malformed.
     """
     path = data_path(task, options)
-    _read(task, path)
+    _read(task, path, options.get("text_split"))
     return path
 
 
-def _read(task: str, path: Path) -> list[dict[str, Any]]:
+def split_documents(text: str, split: str | None = None) -> list[str]:
+    r"""The documents of a text file: its paragraphs, or its lines when no blank line separates texts.
+
+    Args:
+        text: The file's text.
+        split: ``"paragraph"`` (blank-line separated), ``"line"`` (one document a line), or
+            ``None``: paragraphs when a blank line separates two texts, else lines.
+
+    Returns:
+        The documents, stripped, without empty ones.
+
+    Raises:
+        ValueError: ``split`` is not one of :data:`TEXT_SPLITS`.
+
+    Examples:
+        >>> split_documents("one review .\nanother review .\n")
+        ['one review .', 'another review .']
+        >>> split_documents("A paragraph\non two lines.\n\nAnother one.")
+        ['A paragraph\non two lines.', 'Another one.']
+        >>> split_documents("A document\non two lines.", "paragraph")
+        ['A document\non two lines.']
+    """
+    if split is not None and split not in TEXT_SPLITS:
+        raise ValueError(f"text_split {split!r} is not one of {', '.join(map(repr, TEXT_SPLITS))}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    paragraphs = [part.strip() for part in re.split(r"\n[ \t]*\n", text) if part.strip()]
+    if split == "paragraph" or (split is None and len(paragraphs) > 1):
+        return paragraphs
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def _read(task: str, path: Path, split: Any = None) -> list[dict[str, Any]]:
     if not path.is_file():
         key = SHIPPED_TASKS[task][0]
         raise TaskDataError(f"task {task}: data file {str(path)!r} does not exist (metadata key {key!r})")
@@ -103,7 +146,9 @@ def _read(task: str, path: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as error:
         raise TaskDataError(f"task {task}: cannot read {str(path)!r}: {error}") from None
     if task == "tdsteer_perplexity":
-        docs = [part.strip() for part in text.replace("\r\n", "\n").split("\n\n") if part.strip()]
+        if split is not None and split not in TEXT_SPLITS:
+            raise TaskDataError(f"task {task}: text_split {split!r} is not one of {', '.join(map(repr, TEXT_SPLITS))}")
+        docs = split_documents(text, split)
         if not docs:
             raise TaskDataError(f"task {task}: {str(path)!r} holds no text")
         return [{"text": doc} for doc in docs]
@@ -150,7 +195,7 @@ def _pair(task: str, path: Path, number: int, record: Any) -> dict[str, Any]:
 
 
 def _dataset(task: str, options: Mapping[str, Any]) -> datasets.DatasetDict:
-    rows = _read(task, data_path(task, options))
+    rows = _read(task, data_path(task, options), options.get("text_split"))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
@@ -166,7 +211,8 @@ def load_mwe(**options: Any) -> datasets.DatasetDict:
 
 def load_text(**options: Any) -> datasets.DatasetDict:
     """lm-eval ``custom_dataset`` of ``tdsteer_perplexity``: a text file (``text_path``), one
-    document per paragraph (blank-line separated)."""
+    document per paragraph (blank-line separated), or one per line in a file without blank lines
+    between texts (``text_split``: ``"paragraph"`` or ``"line"`` to choose; see :func:`split_documents`)."""
     return _dataset("tdsteer_perplexity", options)
 
 

@@ -4,6 +4,10 @@ On the demo model that tdsteer-hf ships (a small GPT-2 trained on a synthetic re
 any model given with ``--model``: extract a vector from the pairs, print greedy continuations of a
 few prompts at several scales side by side, and sweep the A/B behaviour task and the perplexity
 task over the same scales into a results folder (``results.json``, CSVs, plots, ``report.md``).
+
+The folder is checked before any work: a rerun with the same settings (model, layer, scales, limit
+and the contents of the pairs, A/B and text files) resumes the sweep, and recomputes nothing once
+it is complete; other settings are refused before the model loads.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import tdsteer_hf
 from tdsteer.cli import Command, one_line, output_file, parse_layers, parse_scales, positive_int, quote
 from tdsteer.cli.command import SUMMARIES
 from tdsteer_eval.lm import SteeredLM
+from tdsteer_eval.results import check_output
 from tdsteer_eval.runner import EvalOptions, run_sweep, task_manager
+from tdsteer_eval.vectors import describe_vector, file_sha256
 from tdsteer_hf.cli.generate import generate_texts
 from tdsteer_hf.cli.loading import load_model, load_tokenizer, transformers_console
 from tdsteer_hf.demo import DEMO_LAYER, DEMO_SCALES, data_path, load_demo_model, positive_fraction
 
 DEFAULT_SCALES = ",".join(f"{scale:g}" for scale in DEMO_SCALES)
 DEFAULT_OUTPUT = "tdsteer-demo"
+VECTOR_FILE = "vector.safetensors"
 TASKS = ("tdsteer_caa_ab", "tdsteer_perplexity")
 
 
@@ -36,7 +43,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", default=None, help="contrastive pairs file (default: the demo's)")
     parser.add_argument("--ab", default=None, help="A/B behaviour task, CAA JSON (default: the demo's)")
     parser.add_argument(
-        "--text", default=None, help="held-out text for perplexity, one text a line (default: the demo's)"
+        "--text",
+        default=None,
+        help="held-out text for perplexity: one text a line, or texts separated by blank lines (default: the demo's)",
     )
     parser.add_argument("--prompts", default=None, help="prompts to continue, one a line (default: the demo's)")
     parser.add_argument(
@@ -54,6 +63,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _lines(path: Path, limit: int) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+
+
+def _settings(args: argparse.Namespace, files: dict[str, Path], scales: list[float]) -> dict[str, Any]:
+    """What the demo's numbers depend on besides the model's weights, known before any work: checked
+    against the results folder first, and recorded in its provenance (``demo``)."""
+    return {
+        "model": args.model,
+        "layers": args.layers,
+        "scales": scales,
+        "limit": args.limit,
+        **{name: {"file": path.name, "sha256": file_sha256(path)} for name, path in files.items()},
+    }
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -99,6 +120,8 @@ def _run(args: argparse.Namespace) -> int:
     ):
         if not path.is_file():
             raise FileNotFoundError(f"{option} {str(path)!r} does not exist")
+    settings = _settings(args, {"pairs": pairs_file, "ab": ab_file, "text": text_file}, scales)
+    check_output(folder, {"demo": settings, "tasks": list(TASKS)}, partial=True)  # before any work
     pairs = tdsteer_hf.read_pairs(pairs_file)
     prompts = _lines(prompts_file, 4)
     model, tokenizer, name = _model(args)
@@ -122,10 +145,19 @@ def _run(args: argparse.Namespace) -> int:
             print(f"     scale {scale:>{width}g} -> {quote(one_line(text))}")
     shares = {scale: positive_fraction([texts[i] for texts in continuations]) for i, scale in enumerate(scales)}
     print("   positive words among the continuations: " + ", ".join(f"{s:g}: {v:.0%}" for s, v in shares.items()))
-    print(f"\n3. Sweep the A/B behaviour task and perplexity over the scales (at most {args.limit} items each)")
+    print(
+        f"\n3. Sweep the A/B behaviour task and perplexity over the scales "
+        f"(at most {args.limit} A/B items and {args.limit} texts)"
+    )
     metadata = {"caa_path": str(ab_file), "text_path": str(text_file)}
     manager = task_manager(list(TASKS), metadata=metadata)
     lm = SteeredLM(pretrained=model, tokenizer=tokenizer, vector=vector, batch_size=16, check="ignore")
+    computed: list[str] = []
+
+    def progress(line: str) -> None:
+        computed.append(line)
+        print(f"   {line}")
+
     data = run_sweep(
         lm,
         list(TASKS),
@@ -133,9 +165,16 @@ def _run(args: argparse.Namespace) -> int:
         folder,
         manager=manager,
         options=EvalOptions(limit=args.limit, seed=0),
-        progress=lambda line: print(f"   {line}"),
+        # the vector is saved in the folder (below), and its settings stand in for its creation time
+        provenance={"demo": settings, "vector": {**describe_vector(vector, vector), "file": VECTOR_FILE}},
+        progress=progress,
     )
-    vector.save(folder / "vector.safetensors")  # beside the sweep's results, once the folder is the sweep's
+    if len(computed) < len(scales):
+        print(
+            f"   {len(scales) - len(computed)} of {len(scales)} scales were already in {folder} "
+            "(same settings): kept, not recomputed"
+        )
+    vector.save(folder / VECTOR_FILE)  # beside the sweep's results, once the folder is the sweep's
     records = [
         {"prompt": prompt, "scale": scale, "text": text}
         for prompt, texts in zip(prompts, continuations, strict=True)
