@@ -235,6 +235,8 @@ def test_parse_layers_and_scales() -> None:
     assert parse_scales(["-4,0,4", "2"]) == [-4.0, 0.0, 4.0, 2.0]
     with pytest.raises(CLIError, match="not a number"):
         parse_scales(["four"])
+    with pytest.raises(CLIError, match="'1,,2' has an empty item"):
+        parse_scales(["1,,2"])  # the 1 and the 2 would be read, the number between them lost
 
 
 # --- info and demo ------------------------------------------------------------------------------------

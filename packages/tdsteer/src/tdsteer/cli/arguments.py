@@ -22,7 +22,7 @@ def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
     """Scales from ``option`` values, each one number or several separated by commas.
 
     Raises:
-        CLIError: A value is not a finite number, or there is none.
+        CLIError: A value is not a finite number, an item is empty (``1,,2``), or there is none.
 
     Examples:
         >>> parse_scales(["-4,0,4"]), parse_scales(["2", "-2"])
@@ -33,7 +33,9 @@ def parse_scales(values: Sequence[str], option: str = "--scale") -> list[float]:
         for part in value.split(","):
             part = part.strip()
             if not part:
-                continue
+                raise CLIError(
+                    f"{option} {value!r} has an empty item: separate the numbers with single commas, e.g. -4,0,4"
+                )
             try:
                 number = float(part)
             except ValueError:
