@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -152,3 +153,13 @@ def test_clamp_matches_lm_evals_steered_model(tiny: Any, tiny_dir: Any, tmp_path
     from_pt = SteeredLM(**common, vector=path, operator="clamp")
     for lm in (ours, from_pt):
         torch.testing.assert_close([ll for ll, _ in _loglikelihoods(lm)], expected, rtol=0, atol=1e-4)
+
+
+def test_a_model_instance_is_taken_without_lm_evals_warnings(tiny: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """HFLM warns twice about a model instance as ``pretrained``: SteeredLM's normal way in."""
+    with caplog.at_level("INFO", logger=HFLM.__module__):
+        _steered(tiny, vector=tiny.vector, scale=1.0)
+        HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=2)  # lm-eval's own, unfiltered
+    notes = [r.getMessage() for r in caplog.records if "pretrained" in r.getMessage()]
+    assert len(notes) == 2, notes  # only the plain HFLM's two
+    assert not logging.getLogger(HFLM.__module__).filters  # the filter does not outlive the constructor

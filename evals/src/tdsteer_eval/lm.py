@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -172,7 +173,8 @@ class SteeredLM(HFLM):
         self.condition_source = condition if isinstance(condition, str) else None
         self._handle: SteeringHandle | None = None
         self._warned: set[str] = set()
-        super().__init__(pretrained=pretrained, **kwargs)
+        with _quiet_model_instance_warning():  # a model instance is how tdsteer passes one it steers
+            super().__init__(pretrained=pretrained, **kwargs)
         self._shard_on_cpus()
         if is_lm_eval_file(vector):
             loaded = as_vector(vector, self.model)
@@ -362,6 +364,27 @@ class SteeredLM(HFLM):
             tdsteer_condition=describe_condition(self.condition_source, self.condition),
         )
         return info
+
+
+class _DropModelInstanceWarning(logging.Filter):
+    NOTES = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(note in message for note in self.NOTES)
+
+
+@contextmanager
+def _quiet_model_instance_warning() -> Iterator[None]:
+    """HFLM warns twice whenever ``pretrained`` is a model instance rather than a name; for SteeredLM
+    that is the normal way in (the demo, sweeps over a loaded model), so the warnings are left out
+    (its sharding over processes is :meth:`SteeredLM._shard_on_cpus`'s)."""
+    logger, dropping = logging.getLogger(HFLM.__module__), _DropModelInstanceWarning()
+    logger.addFilter(dropping)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropping)
 
 
 def _source_path(vector: Any) -> str | None:
