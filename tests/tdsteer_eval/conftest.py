@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,3 +67,16 @@ def caa_requests() -> list[Any]:
     task = task_manager(["tdsteer_caa_ab"]).load(["tdsteer_caa_ab"])["tasks"]["tdsteer_caa_ab"]
     task.build_all_requests(limit=4, rank=0, world_size=1)
     return list(task.instances)
+
+
+@pytest.fixture(autouse=True)
+def _lm_eval_logging_per_test() -> Any:
+    """lm-eval's command line attaches a stream handler to its loggers, bound to the stderr of the moment;
+    within one pytest process that is a test's captured stream, closed once the test ends. Each test
+    leaves the loggers' handlers as it found them."""
+    loggers = [logging.getLogger(), logging.getLogger("lm_eval")]
+    before = [list(logger.handlers) for logger in loggers]
+    yield
+    for logger, handlers in zip(loggers, before, strict=True):
+        for handler in [h for h in logger.handlers if h not in handlers]:
+            logger.removeHandler(handler)

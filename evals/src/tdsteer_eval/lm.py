@@ -367,7 +367,10 @@ class SteeredLM(HFLM):
 
 
 class _DropModelInstanceWarning(logging.Filter):
-    NOTES = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
+    NOTES = (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
