@@ -253,6 +253,24 @@ def test_activation_addition_tensordict_streams_over_ragged_batches(toy_lm):
     torch.testing.assert_close(out["steer", "module.blocks.1"], expected["blocks.1"], atol=1e-6, rtol=1e-5)
     assert method.vector(toy_lm).metadata["num_examples"] == 4
     assert all(not m._forward_hooks for m in toy_lm.modules())
+    # a new context starts from no data: its vector is the second batch's alone
+    with method.prepare(module) as hooked:
+        again = hooked(second)
+    alone = extract(toy_lm, batches[1:], ["blocks.1"], progress=False)
+    torch.testing.assert_close(again["steer", "module.blocks.1"], alone["blocks.1"], atol=1e-6, rtol=1e-5)
+    assert method.vector(toy_lm).metadata["num_examples"] == 2
+
+
+def test_steering_vectors_takes_a_steering_vector(toy_lm):
+    vector = extract(
+        toy_lm, [{"positive": _pad(POS, "left"), "negative": _pad(NEG, "left")}], ["blocks.1"], progress=False
+    )
+    ids = _pad(POS, "left")
+    with tdsteer.steer(toy_lm, vector, scale=2.0):
+        want = toy_lm(**ids)
+    with tdsteer.SteeringVectors(["blocks.1"], vectors=vector, scale=2.0).prepare(toy_lm):
+        got = toy_lm(**ids)  # the hooks are on the model itself
+    assert torch.equal(got, want) and not torch.equal(got, toy_lm(**ids))
 
 
 def test_cls_read_is_refused_before_any_forward_where_there_is_no_class_token():

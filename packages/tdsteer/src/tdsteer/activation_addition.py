@@ -26,7 +26,8 @@ class ActivationAddition(HookingContextFactory):
     Each call of the hooked module with a TensorDict holding ``positive_key`` and ``negative_key``
     sub-TensorDicts runs both, reads every site at ``read`` through the attention mask (when the
     inputs carry one), folds the readings into streaming aggregators, and returns
-    ``{steer_key: {site: vector}}`` for all data seen so far in this context. Unlike tdhook's own
+    ``{steer_key: {site: vector}}`` for all data seen so far in this context (each context starts
+    from no data; :meth:`vector` gives the last one's after it closes). Unlike tdhook's own
     version it does not keep activations, reads positions through masks instead of averaging
     padding, and accepts positive and negative inputs of different lengths.
 
@@ -69,6 +70,7 @@ class ActivationAddition(HookingContextFactory):
         self.negative_key = negative_key
         self.steer_key = steer_key
         self.mask_key = mask_key
+        self._method = (method, read, method_kwargs)
         self.extraction = Extraction(modules_to_steer, method, read, **method_kwargs)
         self.recorder = SiteRecorder(self.extraction.sites, read, stop_early=True)
 
@@ -79,13 +81,16 @@ class ActivationAddition(HookingContextFactory):
         out_keys: list[NestedKey],
         extra_relative_path: str,
     ) -> TensorDictModuleBase:
+        method, read, method_kwargs = self._method
+        # a new context starts from no data (the vector of the previous one stays readable until now)
+        self.extraction = Extraction(self.extraction.sites, method, read, **method_kwargs)
         return _ContrastiveRun(module, self)
 
     def _hook_module(self, module: HookedModule) -> BoundHookProgram:
         return self.recorder._hook_module(module)
 
     def vector(self, model: Any = None) -> SteeringVector:
-        """The vector over all data seen so far, with metadata."""
+        """The vector over all data seen so far in the current (or last) context, with metadata."""
         return self.extraction.to_vector(model)
 
 

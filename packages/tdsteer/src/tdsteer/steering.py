@@ -30,6 +30,7 @@ from tdsteer.positions import PositionTracker
 from tdsteer.sites import Site, SiteLike, as_sites
 from tdsteer.steerer import SiteSteerer
 from tdsteer.steering_inputs import check_scale, check_vector
+from tdsteer.vector import SteeringVector
 
 
 class SteeringVectors(HookingContextFactory):
@@ -45,7 +46,8 @@ class SteeringVectors(HookingContextFactory):
         steer_fn: tdhook-style ``steer_fn(module_key=..., output=...) -> tensor``, applied to the
             selected tensor of each site. Mutually exclusive with ``vectors``.
         vectors: One tensor per site, ``[C]`` (every position) or ``[L, C]`` (added at real positions
-            ``0..L-1``, as in ActAdd), as a mapping keyed by site key or path, or a sequence.
+            ``0..L-1``, as in ActAdd), as a :class:`~tdsteer.SteeringVector`, a mapping keyed by site
+            key or path, or a sequence.
         scale: Float, or a tensor with one value per batch row.
         operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, an operator object, or a
             callable ``fn(h, v, scale) -> h``.
@@ -76,7 +78,7 @@ class SteeringVectors(HookingContextFactory):
         modules_to_steer: Sequence[SiteLike],
         steer_fn: Callable[..., Tensor] | None = None,
         *,
-        vectors: Mapping[str, Tensor] | Sequence[Tensor] | None = None,
+        vectors: SteeringVector | Mapping[str, Tensor] | Sequence[Tensor] | None = None,
         scale: Scale = 1.0,
         operator: str | Operator | Callable[..., Tensor] = "add",
         positions: PositionsLike | PositionPolicy = "all",
@@ -246,7 +248,11 @@ class SteeringVectors(HookingContextFactory):
                 )
         return updates
 
-    def _match_vectors(self, vectors: Mapping[str, Tensor] | Sequence[Tensor]) -> dict[str, Tensor | None]:
+    def _match_vectors(
+        self, vectors: SteeringVector | Mapping[str, Tensor] | Sequence[Tensor]
+    ) -> dict[str, Tensor | None]:
+        if isinstance(vectors, SteeringVector):
+            vectors = vectors.directions
         if isinstance(vectors, Mapping):
             by_key = {_key(k): v for k, v in vectors.items()}
             missing = [key for key in self._site_keys if key not in by_key]
