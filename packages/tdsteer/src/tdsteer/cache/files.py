@@ -1,13 +1,14 @@
 """The small files of a cache folder: the header, the progress record and the recording lock.
 
 ``cache.json`` (the header) is written once, before any row, and never changes: model, weights
-fingerprint, sites, read position, dtype, hidden sizes. ``progress.json`` is replaced atomically at
-every checkpoint and is the only claim of what the chunk files hold: rows, examples, the data-order
-hash of those examples, and per chunk its rows and the CRC-32 of each column's filled part. Each
-carries a CRC-32 of its own content (format 2). Both are parsed as untrusted data: the checksum,
-then every field is type- and range-checked, so a damaged file gives an
-:class:`~tdsteer.cache.ActivationCacheError`, never a ``KeyError``, ``RecursionError`` or a huge
-allocation. ``record.lock`` holds an exclusive ``flock`` for as long as a process records into the
+fingerprint, sites, read position, dtype, hidden sizes, and the model's hidden size and base-model
+path that vectors fitted from the cache carry (optional: older caches lack them).
+``progress.json`` is replaced atomically at every checkpoint and is the only claim of what the chunk
+files hold: rows, examples, the data-order hash of those examples, and per chunk its rows and the
+CRC-32 of each column's filled part. Each carries a CRC-32 of its own content (format 2). Both are
+parsed as untrusted data: the checksum, then every field is type- and range-checked, so a damaged
+file gives an :class:`~tdsteer.cache.ActivationCacheError`, never a ``KeyError``,
+``RecursionError`` or a huge allocation. ``record.lock`` holds an exclusive ``flock`` for as long as a process records into the
 folder, with that process's id inside.
 """
 
@@ -128,7 +129,10 @@ def check_header(header: Mapping[str, Any], where: str) -> None:
         raise bad(f"has dtype {short_repr(header.get('dtype'))}; known dtypes are {sorted(DTYPES)}")
     if not isinstance(header.get("read"), (str, int)) or isinstance(header.get("read"), bool):
         raise bad(f"has read position {short_repr(header.get('read'))}")
-    text_fields = ["model_name", "model_type", "data_fingerprint", "tdsteer_version"]
+    size = header.get("model_hidden_size")  # absent from caches recorded before it was kept
+    if size is not None and (not _is_int(size) or not 0 < size <= MAX_WIDTH):
+        raise bad(f"has model_hidden_size {short_repr(size)}")
+    text_fields = ["model_name", "model_type", "data_fingerprint", "tdsteer_version", "base_model_path"]
     if header.get("format_version", FORMAT_VERSION) >= 2:
         text_fields.append("weights_fingerprint")
     for name in text_fields:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tdsteer import distributed as parallel
-from tdsteer.cache.files import EMPTY_HASH, HEADER, Progress, recording_lock
+from tdsteer.cache.files import EMPTY_HASH, HEADER, PROGRESS, Progress, recording_lock
 from tdsteer.cache.manifest import (
     MANIFEST,
     SHARED_FIELDS,
@@ -40,7 +40,7 @@ from tdsteer.cache.manifest import (
     write_manifest,
 )
 from tdsteer.cache.recording import Plan, record_cache, record_locked
-from tdsteer.cache.storage import CacheStore, Chunk, ChunkedRows, Verify, check_verify, columns_of
+from tdsteer.cache.storage import CHUNK_PREFIX, CacheStore, Chunk, ChunkedRows, Verify, check_verify, columns_of
 from tdsteer.errors import ActivationCacheError
 from tdsteer.safe_io import remove_stale_temps, short_repr
 
@@ -297,11 +297,19 @@ def unshard(index: Tensor, rank_examples: Sequence[int]) -> Tensor:
 
 
 def open_store(path: Path, verify: Verify) -> CacheStore | RankedStore:
-    """The cache at ``path``: recorded by one process, or by several ranks (with a manifest)."""
+    """The cache at ``path``: recorded by one process, or by several ranks (with a manifest).
+
+    Refuses a missing folder, and a one-process cache whose chunk folders lack the ``progress.json``
+    that claims their rows (it would load with no rows).
+    """
     check_verify(verify)
+    if not path.exists():
+        raise ActivationCacheError(f"The folder {str(path)!r} does not exist: there is no activation cache there")
+    if not path.is_dir():
+        raise ActivationCacheError(f"{str(path)!r} is a file, not an activation cache (a cache is a folder)")
     if (path / MANIFEST).is_file():
         return RankedStore.open(path, verify)
-    if not (path / HEADER).is_file() and path.is_dir():
+    if not (path / HEADER).is_file():
         sizes = recorded_world_sizes(path)
         if sizes:
             raise ActivationCacheError(
@@ -309,4 +317,10 @@ def open_store(path: Path, verify: Verify) -> CacheStore | RankedStore:
                 f"rerun it with {sizes[-1]} processes (torchrun) to finish it; each rank's cache loads alone, "
                 f"e.g. {str(path / rank_folder(0, sizes[-1]))!r}"
             )
+    if (path / HEADER).is_file() and not (path / PROGRESS).exists() and any(path.glob(f"{CHUNK_PREFIX}*")):
+        raise ActivationCacheError(
+            f"The cache at {str(path)!r} holds no checkpointed rows: its {PROGRESS}, the record of which rows the "
+            "chunk files hold, is missing, so none of them can be trusted; record it again, or resume it with "
+            "ActivationCache.record(model, batches, sites, path=...) on the same data (it records every example anew)"
+        )
     return CacheStore.open(path, verify=verify)

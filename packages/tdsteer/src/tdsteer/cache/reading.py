@@ -16,11 +16,12 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from tdsteer.aggregators import Aggregator, make_aggregator
+from tdsteer.aggregators import ActAdd, Aggregator, make_aggregator
 from tdsteer.cache.files import ROW_FIELDS
 from tdsteer.cache.ranks import RankedStore, open_store, record_store, unshard
 from tdsteer.cache.recording import plan_recording
 from tdsteer.cache.storage import CacheStore, Chunk, Verify
+from tdsteer.errors import ActivationCacheError
 from tdsteer.keys import BatchKeys
 from tdsteer.reading import Reader, ReadLike
 from tdsteer.sites import Site, SiteLike, as_sites
@@ -85,7 +86,8 @@ class ActivationCache:
             The cache, its files mapped lazily and read-only.
 
         Raises:
-            ActivationCacheError: Not a tdsteer cache, damaged header, progress or manifest files,
+            ActivationCacheError: No folder at ``path``, not a tdsteer cache, damaged header, progress or
+                manifest files, chunk files without the ``progress.json`` that claims their rows,
                 truncated files, (now or on first read) data that fails its checksum, or a recording by
                 several ranks that has not finished.
 
@@ -190,7 +192,8 @@ class ActivationCache:
     @property
     def metadata(self) -> dict[str, Any]:
         """The recording's model, weights fingerprint, sites, read position, dtype, data fingerprint,
-        tdsteer version, and ``data_order`` (the hash of the recorded examples in order)."""
+        tdsteer version, and ``data_order`` (the hash of the recorded examples in order); the model's
+        ``model_hidden_size`` and ``base_model_path`` too, in caches recorded since they are kept."""
         metadata = {k: v for k, v in self.header.items() if k not in ("format", "format_version")}
         return {**metadata, "data_order": self.store.progress.data_order}
 
@@ -313,7 +316,13 @@ class ActivationCache:
             method_kwargs: Passed to the aggregator.
 
         Returns:
-            A :class:`~tdsteer.SteeringVector` whose metadata records the cache's model and data.
+            A :class:`~tdsteer.SteeringVector` whose metadata records the cache's model and data (the
+            model's hidden size and base-model path too, as :func:`tdsteer.extract` does, when the
+            cache recorded them).
+
+        Raises:
+            ValueError: ``"actadd"``, which needs every token (the cache keeps one row per example), or no
+                rows with the labels; an :class:`ActivationCacheError` when the cache holds no rows.
         """
         chosen = self.sites if sites is None else as_sites(sites)
         known = {s.key for s in self.sites}
@@ -321,6 +330,16 @@ class ActivationCache:
         if unknown:
             raise KeyError(f"Sites {unknown} are not in the cache; it has {sorted(known)}")
         aggregators = {s.key: make_aggregator(method, **method_kwargs) for s in chosen}
+        if any(isinstance(agg, ActAdd) for agg in aggregators.values()):
+            raise ValueError(
+                "method='actadd' needs every token, which an activation cache does not keep (one row per example); "
+                "extract it from the model: tdsteer.extract(..., method='actadd', read='all')"
+            )
+        if self.rows == 0:
+            raise ActivationCacheError(
+                f"The cache at {str(self.path)!r} holds no rows: its recording stopped before its first checkpoint; "
+                "resume it with ActivationCache.record(model, batches, sites, path=...) on the same data"
+            )
         label = self.labels
         pair = self.column("pair")
         selected = torch.ones(self.rows, dtype=torch.bool) if rows is None else _row_mask(rows, self.rows)
@@ -348,7 +367,13 @@ class ActivationCache:
             fingerprint=self.header.get("data_fingerprint"),
             num_examples=int(len(pos_rows)),
             model_name=self.header.get("model_name"),
-            extra={"model_type": self.header.get("model_type"), "source": "activation_cache"},
+            extra={
+                "model_type": self.header.get("model_type"),
+                # recorded since these fields were added to the header; None for older caches
+                "model_hidden_size": self.header.get("model_hidden_size"),
+                "base_model_path": self.header.get("base_model_path"),
+                "source": "activation_cache",
+            },
         )
         return SteeringVector(directions, {s.key: s for s in chosen}, metadata)
 
@@ -394,14 +419,24 @@ class ActivationCache:
         )
         direction = vector[key].double()
         label = self.labels
-        scores = self.take(key, torch.arange(self.rows)).double() @ direction
-        test_pos = scores[test & (label == positive_label)]
-        test_neg = scores[test & (label == negative_label)]
-        return auroc(test_pos, test_neg)
+        wanted = test & ((label == positive_label) | (label == negative_label))
+        scores = []
+        for start in range(0, self.rows, 4096):  # only the held-out rows, a block at a time
+            stop = min(start + 4096, self.rows)
+            keep = wanted[start:stop]
+            if bool(keep.any()):
+                scores.append(self.column(key, start, stop)[keep].double() @ direction)
+        held_out = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
+        held_label = label[wanted]
+        return auroc(held_out[held_label == positive_label], held_out[held_label == negative_label])
 
 
 def auroc(positive: Tensor, negative: Tensor) -> float:
     """Area under the ROC curve of scores: probability a positive outscores a negative (ties count half).
+
+    Computed from ranks (the Mann-Whitney U statistic, tied scores given their average rank): one
+    sort, ``O(n log n)`` time and ``O(n)`` memory, exactly the share of (positive, negative) pairs
+    where the positive scores higher, plus half the share of tied pairs.
 
     Args:
         positive: Scores of the positive examples.
@@ -410,16 +445,27 @@ def auroc(positive: Tensor, negative: Tensor) -> float:
     Returns:
         The AUROC, from 0 to 1.
 
+    Raises:
+        ValueError: No positive or no negative score, or a NaN score (it ranks against nothing).
+
     Examples:
         >>> import torch
         >>> auroc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0]))
         0.875
     """
-    if len(positive) == 0 or len(negative) == 0:
+    positive, negative = positive.detach().flatten().cpu(), negative.detach().flatten().cpu()
+    n_pos, n_neg = len(positive), len(negative)
+    if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs at least one positive and one negative score")
-    greater = (positive.unsqueeze(1) > negative.unsqueeze(0)).double().mean()
-    ties = (positive.unsqueeze(1) == negative.unsqueeze(0)).double().mean()
-    return float(greater + 0.5 * ties)
+    scores = torch.cat([positive, negative])
+    if scores.is_floating_point() and bool(scores.isnan().any()):
+        raise ValueError("AUROC of NaN scores: a NaN ranks neither above nor below any score")
+    ordered, order = torch.sort(scores, stable=True)
+    _, counts = torch.unique_consecutive(ordered, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    doubled_rank = torch.repeat_interleave(2 * starts + counts + 1, counts)  # twice the average 1-based rank
+    rank_sum = int(doubled_rank[order < n_pos].sum())  # twice the rank sum of the positives: exact in int64
+    return (rank_sum - n_pos * (n_pos + 1)) / (2 * n_pos * n_neg)
 
 
 def _row_mask(rows: Tensor, total: int) -> Tensor:

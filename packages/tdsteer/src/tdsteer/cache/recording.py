@@ -42,9 +42,10 @@ from tdsteer.cache.storage import CacheStore
 from tdsteer.errors import ActivationCacheError
 from tdsteer.extraction import SiteRecorder, model_device
 from tdsteer.keys import BatchKeys
-from tdsteer.model_facts import model_name_of, model_type_of
+from tdsteer.model_facts import model_hidden_size, model_name_of, model_type_of
 from tdsteer.reading import Reader, ReadLike, TokenReading, describe_read
 from tdsteer.sites import Site, SiteLike, as_sites
+from tdsteer.vector import base_model_prefix
 
 RESUME_FIELDS = ("model_type", "model_name", "weights_fingerprint", "sites", "read", "dtype", "data_fingerprint")
 
@@ -132,6 +133,8 @@ def plan_recording(
         "weights_fingerprint": weights_fingerprint(model),
         "sites": [s.to_dict() for s in site_list],
         "hidden_sizes": None,
+        "model_hidden_size": model_hidden_size(model),  # what a vector fitted from the cache records
+        "base_model_path": base_model_prefix(model),
         "read": describe_read(read),
         "dtype": dtype_name(dtype),
         "data_fingerprint": getattr(batches, "fingerprint", None),
@@ -316,6 +319,12 @@ def existing_cache(header: dict[str, Any], path: Path) -> CacheStore | None:
                 f"weights (weights fingerprint {str(existing.get(field))[:12]}, this model's {str(header[field])[:12]}): "
                 "appending would mix two models' activations; record to another path, or use the checkpoint (and "
                 "dtype) it was recorded with"
+            )
+        if field == "data_fingerprint":
+            raise ActivationCacheError(
+                f"The cache at {str(path)!r} was recorded from other data (data fingerprint "
+                f"{str(existing.get(field))[:12]}, this data's {str(header.get(field))[:12]}); resume it with the same "
+                "data, or use another path, or delete it to record anew"
             )
         raise ActivationCacheError(
             f"A cache at {str(path)!r} was recorded with {field}={existing.get(field)!r}, not "

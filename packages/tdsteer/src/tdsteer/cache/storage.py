@@ -41,6 +41,7 @@ from tdsteer.errors import ActivationCacheError
 from tdsteer.safe_io import crc32_of, file_crc32, fsync_folder, tensor_bytes
 from tdsteer.sites import Site
 
+CHUNK_PREFIX = "chunk-"  # chunk folders: chunk-00000 and on
 Verify = Literal["on_read", "on_load", "off"]
 VERIFY_MODES = ("on_read", "on_load", "off")
 
@@ -380,7 +381,7 @@ class CacheStore(ChunkedRows):
             self.chunks[-1].cut_files()
 
     def _chunk_folder(self, index: int) -> Path | None:
-        return None if self.path is None else self.path / f"chunk-{index:05d}"
+        return None if self.path is None else self.path / f"{CHUNK_PREFIX}{index:05d}"
 
     def _reserve(self, needed: int, planned_rows: int | None, chunk_rows: int) -> None:
         capacity = self.capacity
