@@ -22,6 +22,7 @@ from tdsteer.aggregators import Aggregator, make_aggregator
 from tdsteer.batches import batch_size, digest, to_device
 from tdsteer.hooking import resolve
 from tdsteer.keys import BatchKeys
+from tdsteer.offload import device_map_device, execution_device
 from tdsteer.reading import ReadContext, Reader, Reading, ReadLike, as_reader, check_read, describe_read, owned
 from tdsteer.sites import Site, SiteLike, as_sites
 from tdsteer.vector import SteeringVector, make_metadata
@@ -118,10 +119,33 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def model_device(model: nn.Module) -> torch.device | None:
-    """Device of the model's first parameter (``None`` for a model without parameters)."""
+    """Where to send the model's inputs: the device it runs on.
+
+    For a model accelerate placed or offloaded (``device_map``, ``cpu_offload``, ``dispatch_model``),
+    the execution device of its hooks (:func:`tdsteer.offload.execution_device`). Else the device of
+    its first parameter; when that one is on ``meta`` (offloaded), the device ``hf_device_map`` runs
+    it on, else the device of its first parameter not on ``meta``. ``None`` for a model without
+    parameters.
+
+    Raises:
+        ValueError: Every parameter is on ``meta`` and nothing says where the model runs.
+    """
+    placed = execution_device(model)  # accelerate's hooks move the inputs there anyway
+    if placed is not None:
+        return placed
+    first = next(model.parameters(), None)
+    if first is None or not first.is_meta:
+        return None if first is None else first.device
+    placed = device_map_device(model)
+    if placed is not None:
+        return placed
     for parameter in model.parameters():
-        return parameter.device
-    return None
+        if not parameter.is_meta:
+            return parameter.device
+    raise ValueError(
+        "Every parameter of the model is on the meta device and no accelerate hook or hf_device_map says where "
+        "it runs: pass device= (where its inputs go), or load its weights (or dispatch it with accelerate) first"
+    )
 
 
 class Extraction:

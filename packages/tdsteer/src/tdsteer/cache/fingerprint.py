@@ -6,14 +6,17 @@ the padding around each example's real tokens stripped (through the ``attention_
 so a cache recorded with one batch size can resume with another at any example, and data that
 differs in any example, or comes in another order, is refused. :func:`weights_fingerprint` hashes
 the names, dtypes and shapes of every parameter and buffer and a sample of their values (a few
-hundred evenly spaced values of each tensor, more of the first, middle and last): another
-checkpoint of the same architecture, or the same one in another dtype, gets another fingerprint.
+hundred evenly spaced values of each tensor, more of the first, middle and last; the values of a
+tensor accelerate offloaded are read where its hooks keep them): another checkpoint of the same
+architecture, or the same one in another dtype, gets another fingerprint, and the same checkpoint
+gets the same one in memory and offloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -21,11 +24,13 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
+from tdsteer.offload import OffloadedValues, Stored
 from tdsteer.safe_io import tensor_bytes
 
 MASK_KEY = "attention_mask"
 _SAMPLE = 256  # values sampled from every parameter and buffer
 _SAMPLE_ENDS = 65536  # values sampled from the first, middle and last ones
+_NO_VALUES = b"meta: no values;"  # hashed for a tensor on meta whose values nothing holds
 
 
 class Stream(NamedTuple):
@@ -125,8 +130,12 @@ def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the names, dtypes and shapes of ``model``'s parameters and buffers, and samples of their values.
 
     Cheap for any model size: a few hundred evenly spaced values of each tensor (65,536 of the
-    first, middle and last), gathered where the tensor lives. Tensors without values (``meta``)
-    count by name and shape only.
+    first, middle and last), gathered where the tensor lives. A tensor that accelerate offloaded
+    (on ``meta``, its values in the weights map of its module's hook: CPU memory, the checkpoint's
+    safetensors files or the offload folder) is sampled there, reading only the sampled values, so
+    the same checkpoint gets the same fingerprint in memory and offloaded. A ``meta`` tensor whose
+    values nothing holds counts by name, dtype and shape only, with a mark saying so, and a warning:
+    two checkpoints that differ only there get the same fingerprint.
 
     Args:
         model: The model.
@@ -142,28 +151,66 @@ def weights_fingerprint(model: nn.Module) -> str:
         >>> weights_fingerprint(a) == weights_fingerprint(a), weights_fingerprint(a) == weights_fingerprint(b)
         (True, False)
     """
-    named = [*model.named_parameters(), *model.named_buffers()]
+    offloaded = OffloadedValues(model)
+    named = _distinct_tensors(model, offloaded)
     hasher = hashlib.sha256(f"{len(named)} tensors;".encode())
     ends = {0, len(named) // 2, len(named) - 1}
-    for i, (name, tensor) in enumerate(named):
+    without_values = []
+    for i, (name, tensor, stored) in enumerate(named):
         hasher.update(f"{name}:{str(tensor.dtype)}:{tuple(tensor.shape)};".encode())
-        if tensor.is_meta or tensor.numel() == 0:
+        if tensor.numel() == 0:
             continue
+        positions = _positions(tensor.numel(), _SAMPLE_ENDS if i in ends else _SAMPLE)
         try:
-            sample = tensor_bytes(_sample(tensor.detach(), _SAMPLE_ENDS if i in ends else _SAMPLE))
+            if not tensor.is_meta:
+                values: Tensor | None = _sample(tensor.detach(), positions)
+            else:
+                values = None if stored is None else stored.read(positions)
+            if values is None:
+                without_values.append(name)
+                hasher.update(_NO_VALUES)
+                continue
+            sample = tensor_bytes(values)
         except (RuntimeError, TypeError):  # a tensor type without plain bytes (quantized): name and shape only
             continue
         hasher.update(sample)
+    if without_values:
+        warnings.warn(
+            f"{len(without_values)} of the model's tensors are on the meta device and no accelerate weights map "
+            f"holds their values (the first: {without_values[0]!r}); its weights fingerprint counts them by name, "
+            "dtype and shape only, so a cache resume cannot tell apart checkpoints that differ only there",
+            stacklevel=2,
+        )
     return hasher.hexdigest()
 
 
-def _sample(tensor: Tensor, count: int) -> Tensor:
-    """``count`` evenly spaced values of ``tensor`` (all when it has fewer), on the CPU, without copying it."""
-    numel = tensor.numel()
+def _distinct_tensors(model: nn.Module, offloaded: OffloadedValues) -> list[tuple[str, Tensor, Stored | None]]:
+    """``model``'s parameters and buffers, each offloaded one with where its values lie. Parameters tied
+    together count once, as ``named_parameters`` counts them: offloading can untie them (accelerate's
+    ``cpu_offload`` gives each its own ``meta`` tensor), but their values still lie in one place."""
+    found: list[tuple[str, Tensor, Stored | None]] = []
+    sources = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        stored = offloaded.find(name, tensor) if tensor.is_meta else None
+        if stored is not None:
+            if stored.source in sources:
+                continue
+            sources.add(stored.source)
+        found.append((name, tensor, stored))
+    return found
+
+
+def _positions(numel: int, count: int) -> Tensor:
+    """``count`` evenly spaced flat positions of a tensor of ``numel`` values (all when it has fewer)."""
+    positions = torch.linspace(0, numel - 1, min(count, numel), dtype=torch.float64).round().to(torch.int64)
+    return positions.clamp_(max=numel - 1)
+
+
+def _sample(tensor: Tensor, positions: Tensor) -> Tensor:
+    """The values of ``tensor`` at the flat ``positions``, on the CPU, without copying it."""
     if tensor.ndim == 0:
         return tensor.reshape(1).cpu()
-    positions = torch.linspace(0, numel - 1, min(count, numel), dtype=torch.float64).round().to(torch.int64)
-    index = torch.unravel_index(positions.clamp_(max=numel - 1).to(tensor.device), tensor.shape)
+    index = torch.unravel_index(positions.to(tensor.device), tensor.shape)
     return tensor[index].cpu()
 
 
