@@ -24,6 +24,7 @@ from tdsteer.cli import (
     warn,
 )
 from tdsteer.cli.command import SUMMARIES
+from tdsteer.extraction import model_device
 from tdsteer.operators import OPERATORS
 from tdsteer.vector import is_lm_eval_file
 from tdsteer_hf.cli.loading import add_model_options, load_model, load_tokenizer, transformers_console
@@ -107,7 +108,7 @@ def generate_texts(
         raise CLIError("the tokenizer has neither a pad nor an eos token, so prompts cannot be batched")
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    device = next(model.parameters()).device
+    device = model_device(model) or torch.device("cpu")  # an offloaded model's execution device
     inputs = {key: encoded[key].to(device) for key in ("input_ids", "attention_mask") if key in encoded}
     length = int(inputs["input_ids"].shape[1])
     limit = position_limit(model)

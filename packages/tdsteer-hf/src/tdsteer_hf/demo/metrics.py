@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import tdsteer
+from tdsteer.extraction import model_device
 from tdsteer_hf.data import CAA_SEPARATOR
 
 
@@ -50,7 +51,8 @@ def _chunks(count: int, size: int) -> Iterator[slice]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    device = model_device(model)  # where inputs go: accelerate's execution device for an offloaded model
+    return device if device is not None else torch.device("cpu")
 
 
 def generations(
