@@ -465,3 +465,12 @@ def test_a_model_name_that_is_neither_a_folder_nor_reachable(
 
     monkeypatch.setattr("tdsteer_hf.cli.loading.AutoConfig.from_pretrained", offline)
     assert_user_error(run(capsys, "info", "--model", "gtp2"), "'gtp2': it is not a local folder", "hub id")
+
+
+def test_extract_option_mistakes_are_named_in_the_command_lines_words(
+    model_dir: Path, pairs_tsv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["extract", "--model", model_dir, "--pairs", pairs_tsv, "--layers", "0", "-o", tmp_path / "v.safetensors"]
+    assert_user_error(run(capsys, *base, "--method", "single_pair"), "--method single_pair", "add --read all")
+    assert_user_error(run(capsys, *base, "--chat-template"), "has no chat template; drop --chat-template")
+    assert not (tmp_path / "v.safetensors").exists()

@@ -48,6 +48,8 @@ class Aggregator:
     name = "aggregator"
     #: Whether states combine by summing their tensors (else ``merge`` is overridden).
     summable = True
+    #: Whether the method reads every token (``read="all"``) and gives one row per position.
+    per_token = False
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}
@@ -277,6 +279,7 @@ class ActAdd(Aggregator):
     """
 
     name = "actadd"
+    per_token = True
 
     def update(self, pos: Reading, neg: Reading) -> None:
         if not isinstance(pos, TokenReading) or not isinstance(neg, TokenReading):

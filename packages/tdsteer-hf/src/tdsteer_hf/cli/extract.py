@@ -77,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
     records = read_pairs(args.pairs)
     if args.read is None:
         args.read = "answer" if holds_caa_items(records) else "last"
+    if getattr(METHODS[args.method], "per_token", False) and args.read != "all":
+        raise CLIError(f"--method {args.method} builds one vector per token position: add --read all")
     # Under torchrun each rank reads its shard of the pairs; the states are all-reduced once.
     with parallel.process_group():
         return _extract(args, records, layers)
@@ -116,6 +118,8 @@ def _extract(args: argparse.Namespace, records: list[Any], layers: list[Any] | N
     sites = [records_of_kind[i].site for i in indices]
     with transformers_console():
         tokenizer = load_tokenizer(args.model)
+    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise CLIError(f"--chat-template: the tokenizer of {args.model!r} has no chat template; drop --chat-template")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.condition:
         batches_of = partial(_batches, args, tokenizer, model=model)
