@@ -81,3 +81,22 @@ def test_hooks_run_before_other_hooks_and_in_nesting_order(toy_lm: ToyLM) -> Non
     expected = expected - (expected @ unit).unsqueeze(-1) * unit
     # the reader was registered before both contexts, and still sees a then b applied
     torch.testing.assert_close(seen[-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_open_and_close_steer_outside_a_with_block(toy_lm: ToyLM) -> None:
+    """``handle.open()`` steers every call until ``close()``, as the ``with`` block does."""
+    ids = torch.tensor([[1, 2, 3, 4]])
+    vector = {"blocks.0": torch.randn(8, generator=torch.Generator().manual_seed(3))}
+    handle = tdsteer.steer(toy_lm, vector, scale=2.0)
+    with handle:
+        want = toy_lm(ids)
+    plain = toy_lm(ids)
+    opened = handle.open()
+    assert opened is handle and handle.is_open
+    assert torch.equal(toy_lm(ids), want) and torch.equal(toy_lm(ids), want)  # every call until close
+    with pytest.raises(RuntimeError, match="already open"):
+        handle.open()
+    handle.close()
+    handle.close()  # a second close is a no-op
+    assert not handle.is_open and torch.equal(toy_lm(ids), plain)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in toy_lm.modules())

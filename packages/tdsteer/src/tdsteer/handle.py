@@ -25,7 +25,8 @@ _UNSET: Any = object()
 class SteeringHandle:
     """What :func:`steer` returns: a steering context that can change while it is open.
 
-    ``with handle as model:`` installs the hooks and yields the model; ``handle.set(...)`` changes
+    ``with handle as model:`` installs the hooks and yields the model (``handle.open()`` and
+    ``handle.close()`` do the same outside a ``with`` block); ``handle.set(...)`` changes
     the scale, the vectors, the position policy or the per-row starts of the next calls, open or not,
     without re-installing hooks (and without recompiling a compiled model). On exit, and on any
     exception (Ctrl-C included), every hook is removed and the starts are cleared. A handle can be
@@ -148,6 +149,32 @@ class SteeringHandle:
             self._close()
         finally:
             interrupts.deliver()
+
+    def open(self) -> SteeringHandle:
+        """Install the hooks until :meth:`close`: steering outside a ``with`` block (a notebook, a
+        demo server), as repeng's ``set_control`` or steering-vectors' ``patch_activations``.
+
+        Returns:
+            The handle, for ``handle = tdsteer.steer(model, vector).open()``.
+
+        Raises:
+            RuntimeError: The handle is already open.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            >>> handle = steer(model, {"0": torch.ones(2)}, scale=3.0).open()
+            >>> handle.is_open
+            True
+            >>> handle.close(); handle.is_open
+            False
+        """
+        self.__enter__()
+        return self
+
+    def close(self) -> None:
+        """Remove the hooks :meth:`open` installed (a no-op when the handle is not open)."""
+        self.__exit__(None, None, None)
 
     def _close(self) -> None:
         installation = self._installation
