@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import pytest
@@ -163,3 +164,15 @@ def test_a_model_instance_is_taken_without_lm_evals_warnings(tiny: Any, caplog: 
     notes = [r.getMessage() for r in caplog.records if "pretrained" in r.getMessage()]
     assert len(notes) == 2, notes  # only the plain HFLM's two
     assert not logging.getLogger(HFLM.__module__).filters  # the filter does not outlive the constructor
+
+
+def test_a_second_scale_on_an_lm_eval_file_is_warned_about(tiny: Any, tmp_path: Any) -> None:
+    """A .pt file's coefficient is part of its directions: scale=3 on a file exported at 3 steers at 9."""
+    path = str(tiny.vector.to_lm_eval(tmp_path / "steer.pt", scale=3.0, prefix="transformer"))
+    with pytest.warns(UserWarning, match=r"steering_coefficient 3 is part of the vector, so scale=3 steers at 9"):
+        twice = _steered(tiny, vector=path, scale=3.0)
+    assert twice.vector.metadata["steering_coefficient"] == 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        once = _steered(tiny, vector=path, scale=1.0)
+    assert _loglikelihoods(once) == _loglikelihoods(_steered(tiny, vector=tiny.vector, scale=3.0))

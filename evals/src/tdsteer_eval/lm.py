@@ -178,6 +178,7 @@ class SteeredLM(HFLM):
         self._shard_on_cpus()
         if is_lm_eval_file(vector):
             loaded = as_vector(vector, self.model)
+            _warn_if_scaled_twice(loaded, scale)
         chosen = split_sites(sites)
         if chosen is not None:
             loaded = loaded.select(chosen)
@@ -388,6 +389,23 @@ def _quiet_model_instance_warning() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(dropping)
+
+
+def _warn_if_scaled_twice(vector: SteeringVector, scale: Any) -> None:
+    """An lm-eval file's coefficient is part of its directions: a scale other than 1 multiplies it."""
+    coefficient = vector.metadata.get("steering_coefficient")
+    try:
+        factor = float(scale)
+    except (TypeError, ValueError):
+        return  # a per-row tensor or text the scale check refuses
+    if isinstance(coefficient, (int, float)) and coefficient != 1 and factor != 1:
+        warnings.warn(
+            f"{vector.metadata.get('source')}: its steering_coefficient {coefficient:g} is part of the vector, so "
+            f"scale={factor:g} steers at {coefficient * factor:g} times its direction; pass scale=1 for the file's "
+            "own strength",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _source_path(vector: Any) -> str | None:

@@ -199,7 +199,9 @@ def save_lm_eval(
 def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorParts:
     """Read an lm-eval ``steered`` ``.pt`` file.
 
-    ``add`` entries become ``coefficient * vector``, to be applied with ``operator="add"``;
+    ``add`` entries become ``coefficient * vector``, to be applied with ``operator="add"`` (and
+    ``scale=1`` for the file's own strength; the coefficient shared by every entry is kept as
+    ``metadata["steering_coefficient"]``);
     ``clamp`` entries become ``value * unit vector``, to be applied with ``operator="clamp"`` and
     ``scale=1``. A file that mixes both, or uses a bias or head index, is refused.
 
@@ -237,7 +239,10 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorPar
         directions[f"{prefix}.{key}" if prefix else key] = direction
     if len(actions) > 1:
         raise SteeringVectorFileError(f"{str(path)!r} mixes actions {sorted(actions)}; split it per action")
-    metadata = {"method": "lm_eval", "operator": actions.pop(), "source": str(path)}
+    metadata: dict[str, Any] = {"method": "lm_eval", "operator": actions.pop(), "source": str(path)}
+    coefficients = {float(entry["steering_coefficient"]) for entry in config.values()}
+    if len(coefficients) == 1:  # folded into the directions; kept so that a second scale can be noticed
+        metadata["steering_coefficient"] = coefficients.pop()
     return VectorParts(directions, {key: Site(key) for key in directions}, metadata)
 
 
