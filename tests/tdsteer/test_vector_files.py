@@ -198,3 +198,13 @@ def test_an_lm_eval_file_is_told_by_its_content(tmp_path):
     assert is_lm_eval_file(tmp_path / "missing.pt") and not is_lm_eval_file(tmp_path / "missing.safetensors")
     assert torch.equal(as_vector(misnamed)["transformer.h.1"], torch.ones(4))
     assert torch.equal(as_vector(exported)["h.1"], 2 * torch.ones(4))
+
+
+def test_scaled_gives_per_site_strengths():
+    vector = _vector()
+    scaled = vector.scaled({"model.layers.3": -2.0})
+    assert torch.equal(scaled["model.layers.3"], -2.0 * vector["model.layers.3"])
+    assert torch.equal(scaled["model.layers.1"], vector["model.layers.1"])
+    assert scaled.metadata["model_type"] == "llama"
+    with pytest.raises(KeyError, match="not in this vector"):
+        vector.scaled({"model.layers.7": 2.0})

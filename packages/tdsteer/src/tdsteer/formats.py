@@ -350,3 +350,31 @@ def _check_direction(path: Path, key: str, tensor: Tensor, checksum: int | None)
         )
     if not torch.isfinite(tensor).all():
         raise SteeringVectorFileError(f"{str(path)!r}: direction {key!r} contains NaN or infinite values")
+
+
+LM_EVAL_SUFFIX = ".pt"
+
+
+def is_lm_eval_file(source: object) -> bool:
+    """Whether ``source`` names an lm-eval ``steered`` file: the one rule every command and loader follows.
+
+    An existing file is told by its first bytes (a ``torch.save`` zip archive or pickle, not a
+    safetensors header), whatever its name; a path that does not exist yet, by its ``.pt`` suffix.
+
+    Examples:
+        >>> is_lm_eval_file("steer.pt"), is_lm_eval_file("v.safetensors")
+        (True, False)
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source).expanduser()
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError:  # missing, a folder, unreadable: the name decides (the loader reports the rest)
+        return path.suffix.lower() == LM_EVAL_SUFFIX
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
+        return True
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then JSON
+        return False
+    return path.suffix.lower() == LM_EVAL_SUFFIX

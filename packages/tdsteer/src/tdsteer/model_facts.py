@@ -89,3 +89,24 @@ def model_name_of(model: nn.Module) -> str | None:
         if isinstance(name, str) and name:
             return name
     return None
+
+
+def base_model_prefix(model: nn.Module) -> str:
+    """Path of ``model.base_model`` inside ``model``: what lm-eval's hookpoints are relative to.
+
+    Returns:
+        The module path (``"transformer"`` for GPT-2, ``"model"`` for Llama), or ``""`` when the
+        model is its own base model or has none.
+
+    Examples:
+        >>> import torch
+        >>> base_model_prefix(torch.nn.Linear(2, 2))
+        ''
+    """
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""

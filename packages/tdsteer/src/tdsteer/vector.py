@@ -17,7 +17,8 @@ from tdsteer import control_vectors, formats
 from tdsteer._version import __version__
 from tdsteer.checks import Check, as_check, report
 from tdsteer.errors import SteeringVectorFileError
-from tdsteer.model_facts import model_hidden_size, model_name_of, model_type_of
+from tdsteer.formats import is_lm_eval_file
+from tdsteer.model_facts import base_model_prefix, model_hidden_size, model_name_of, model_type_of
 from tdsteer.sites import Site, SiteLike, as_site, as_sites
 
 FORMAT = formats.FORMAT
@@ -137,6 +138,27 @@ class SteeringVector:
     def normalize(self) -> SteeringVector:
         """Each site's direction scaled to unit norm (per position for ``[L, C]`` directions)."""
         return self._derived({k: v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, v in self.directions.items()})
+
+    def scaled(self, factors: Mapping[SiteLike, float]) -> SteeringVector:
+        """Each listed site's direction times its factor (per-layer strengths); other sites as they are.
+
+        Args:
+            factors: Site (or key) -> factor.
+
+        Raises:
+            KeyError: A listed site is not in this vector.
+
+        Examples:
+            >>> import torch
+            >>> v = SteeringVector({"h.1": torch.ones(2), "h.2": torch.ones(2)})
+            >>> v.scaled({"h.2": 0.5})["h.2"].tolist()
+            [0.5, 0.5]
+        """
+        by_key = {(s.key if isinstance(s, Site) else s): float(f) for s, f in factors.items()}
+        missing = sorted(set(by_key) - set(self.directions))
+        if missing:
+            raise KeyError(f"Sites {missing} are not in this vector; it has {sorted(self.directions)}")
+        return self._derived({k: v * by_key.get(k, 1.0) for k, v in self.directions.items()})
 
     def select(self, sites: SiteLike | Iterable[SiteLike]) -> SteeringVector:
         """A vector with only the given sites (by :class:`Site` or key)."""
@@ -407,55 +429,6 @@ def vector_from_sites(
 
 
 VectorSource = SteeringVector | str | os.PathLike[str] | Mapping[str, Tensor]
-
-
-LM_EVAL_SUFFIX = ".pt"
-
-
-def is_lm_eval_file(source: object) -> bool:
-    """Whether ``source`` names an lm-eval ``steered`` file: the one rule every command and loader follows.
-
-    An existing file is told by its first bytes (a ``torch.save`` zip archive or pickle, not a
-    safetensors header), whatever its name; a path that does not exist yet, by its ``.pt`` suffix.
-
-    Examples:
-        >>> is_lm_eval_file("steer.pt"), is_lm_eval_file("v.safetensors")
-        (True, False)
-    """
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    path = Path(source).expanduser()
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(9)
-    except OSError:  # missing, a folder, unreadable: the name decides (the loader reports the rest)
-        return path.suffix.lower() == LM_EVAL_SUFFIX
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
-        return True
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then JSON
-        return False
-    return path.suffix.lower() == LM_EVAL_SUFFIX
-
-
-def base_model_prefix(model: nn.Module) -> str:
-    """Path of ``model.base_model`` inside ``model``: what lm-eval's hookpoints are relative to.
-
-    Returns:
-        The module path (``"transformer"`` for GPT-2, ``"model"`` for Llama), or ``""`` when the
-        model is its own base model or has none.
-
-    Examples:
-        >>> import torch
-        >>> base_model_prefix(torch.nn.Linear(2, 2))
-        ''
-    """
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        return ""
-    for name, module in model.named_modules():
-        if module is base:
-            return name
-    return ""
 
 
 def as_vector(vector: VectorSource, model: nn.Module | None = None) -> SteeringVector:

@@ -132,7 +132,7 @@ def output_file(value: str, option: str = "-o") -> Path:
     path = Path(value).expanduser()
     if path.is_dir():
         raise CLIError(f"{option} {value!r} is a folder; give a file name, e.g. {Path(value) / 'vector.safetensors'}")
-    from tdsteer.vector import LM_EVAL_SUFFIX  # the vector module's rule; imported when an output is checked
+    from tdsteer.formats import LM_EVAL_SUFFIX  # the file formats' rule; imported when an output is checked
 
     if path.suffix.lower() == LM_EVAL_SUFFIX:
         raise CLIError(
