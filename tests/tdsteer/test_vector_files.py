@@ -208,3 +208,18 @@ def test_scaled_gives_per_site_strengths():
     assert scaled.metadata["model_type"] == "llama"
     with pytest.raises(KeyError, match="not in this vector"):
         vector.scaled({"model.layers.7": 2.0})
+
+
+def test_a_safetensors_header_length_starting_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header of 640 bytes has the length 0x280: its first byte is 0x80, a pickle's first byte."""
+    from tdsteer.vector import as_vector, is_lm_eval_file
+
+    for pad in range(400):
+        vector = SteeringVector({"transformer.h.0": torch.ones(4)}, metadata={"method": "mean_diff", "note": "x" * pad})
+        path = vector.save(tmp_path / "v.safetensors")
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no header length starting with 0x80 in the range tried")
+    assert not is_lm_eval_file(path)
+    assert torch.equal(as_vector(path)["transformer.h.0"], torch.ones(4))

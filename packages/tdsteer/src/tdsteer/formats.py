@@ -373,8 +373,10 @@ def is_lm_eval_file(source: object) -> bool:
             head = handle.read(9)
     except OSError:  # missing, a folder, unreadable: the name decides (the loader reports the rest)
         return path.suffix.lower() == LM_EVAL_SUFFIX
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
-        return True
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then JSON
+    # safetensors first: its 8-byte little-endian header length may start with any byte (0x80 for a
+    # 128-byte-aligned header), but JSON always follows it
+    if len(head) == 9 and head[8:9] == b"{":
         return False
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return True  # torch.save: a zip archive, or a legacy pickle (protocol 2-5)
     return path.suffix.lower() == LM_EVAL_SUFFIX
