@@ -9,6 +9,7 @@ import lm_eval
 import pytest
 from lm_eval.models.huggingface import HFLM
 
+from tdsteer import SteeringVector, as_vector
 from tdsteer.cli import main
 from tdsteer_eval import task_manager
 from tdsteer_hf.demo import DEMO_SCALES, data_path, load_demo_model, positive_fraction
@@ -38,6 +39,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_writes_the_report(demo: Path) -> None:
     for name in ("report.md", "results.json", "vector.safetensors", "generations.json", "behaviour.png"):
         assert (demo / name).is_file(), name
+    # the vector the demo wrote is read by every command's loader (as_vector), not only SteeringVector.load
+    assert as_vector(demo / "vector.safetensors").keys() == SteeringVector.load(demo / "vector.safetensors").keys()
 
 
 @pytest.mark.slow
