@@ -14,7 +14,7 @@ import torch
 from toy_models import ToyLM
 
 import tdsteer
-from tdsteer import ActivationCache, ActivationCacheError
+from tdsteer import ActivationCache, ActivationCacheError, Site
 
 SITES = ["blocks.0", "blocks.2"]
 HERE = Path(__file__).parent
@@ -180,3 +180,14 @@ def test_resumes_after_a_kill_bit_identical(model, tmp_path):
     for name in names:
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
     assert os.path.getsize(tmp_path / "full" / "progress.json") > 0
+
+
+def test_columns_are_named_by_a_site_or_its_key(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Identity())
+    site = Site("0")
+    cache = ActivationCache.record(model, [{"inputs": torch.ones(3, 2), "labels": [0, 1, 0]}], [site], progress=False)
+    rows = torch.tensor([2, 0])
+    assert torch.equal(cache.take(site, rows), cache.take("0", rows))
+    assert torch.equal(cache.column(site), cache.column("0"))
+    with pytest.raises(KeyError, match=r"No column '9'; the cache has sites \['0'\]"):
+        cache.take(Site("9"), rows)

@@ -176,3 +176,11 @@ def test_a_second_scale_on_an_lm_eval_file_is_warned_about(tiny: Any, tmp_path: 
         warnings.simplefilter("error")
         once = _steered(tiny, vector=path, scale=1.0)
     assert _loglikelihoods(once) == _loglikelihoods(_steered(tiny, vector=tiny.vector, scale=3.0))
+
+
+def test_a_model_by_name_runs_on_the_cpu_without_a_device_argument(tiny_dir: Any) -> None:
+    """HFLM's default device is cuda even without a GPU; SteeredLM takes cpu there."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the machines without a GPU")
+    lm = SteeredLM(pretrained=str(tiny_dir / "model"), vector=str(tiny_dir / "vector.safetensors"), batch_size=2)
+    assert lm.device.type == "cpu" and len(_loglikelihoods(lm)) == len(REQUESTS)

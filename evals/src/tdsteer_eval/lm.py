@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import Tensor
@@ -132,7 +133,8 @@ class SteeredLM(HFLM):
             request's context (up to the token that scores the continuation) and on each
             generation's prompt.
         **kwargs: Passed to ``HFLM`` (``tokenizer``, ``device``, ``dtype``, ``batch_size``,
-            ``parallelize``...).
+            ``parallelize``...); ``device`` defaults to ``"cuda"`` where a GPU is available and
+            ``"cpu"`` otherwise (HFLM's own default is ``"cuda"`` everywhere).
 
     Raises:
         ValueError: A site of the vector does not exist in the model, or an argument is invalid (a
@@ -173,6 +175,8 @@ class SteeredLM(HFLM):
         self.condition_source = condition if isinstance(condition, str) else None
         self._handle: SteeringHandle | None = None
         self._warned: set[str] = set()
+        # HFLM's default device is "cuda" even where there is none; the command line's rule instead
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         with _quiet_model_instance_warning():  # a model instance is how tdsteer passes one it steers
             super().__init__(pretrained=pretrained, **kwargs)
         self._shard_on_cpus()

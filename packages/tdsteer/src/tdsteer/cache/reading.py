@@ -197,11 +197,18 @@ class ActivationCache:
         metadata = {k: v for k, v in self.header.items() if k not in ("format", "format_version")}
         return {**metadata, "data_order": self.store.progress.data_order}
 
-    def column(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+    def _column_name(self, name: str | Site) -> str:
+        """A column's name (a :class:`~tdsteer.Site` names its key); an unknown one is a clear ``KeyError``."""
+        key = name.key if isinstance(name, Site) else name
+        if key not in self.store.columns:
+            raise KeyError(f"No column {key!r}; the cache has sites {[s.key for s in self.sites]} and {ROW_FIELDS}")
+        return key
+
+    def column(self, name: str | Site, start: int = 0, stop: int | None = None) -> Tensor:
         """Rows ``start:stop`` of one column.
 
         Args:
-            name: A site key, or ``label``, ``pair``, ``index``, ``length``.
+            name: A site (or its key), or ``label``, ``pair``, ``index``, ``length``.
             start: First row.
             stop: Row after the last (default: the end).
 
@@ -215,8 +222,7 @@ class ActivationCache:
             >>> cache.column("label", 1).tolist()
             [1, 2]
         """
-        if name not in self.store.columns:
-            raise KeyError(f"No column {name!r}; the cache has sites {[s.key for s in self.sites]} and {ROW_FIELDS}")
+        name = self._column_name(name)
         stop = self.rows if stop is None else min(stop, self.rows)
         parts = []
         for chunk, lo, hi in self.store.pieces(start, stop):
@@ -226,16 +232,17 @@ class ActivationCache:
             return torch.empty(column.shape(0), dtype=column.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def take(self, name: str, rows: Tensor) -> Tensor:
+    def take(self, name: str | Site, rows: Tensor) -> Tensor:
         """Rows ``rows`` (indices) of a column, gathered chunk by chunk without copying whole columns.
 
         Args:
-            name: A site key or a row field.
+            name: A site (or its key) or a row field.
             rows: Row indices, in any order.
 
         Returns:
             A new tensor with one entry (or row of a site) per index.
         """
+        name = self._column_name(name)
         column = self.store.columns[name]
         out = torch.empty(column.shape(len(rows)), dtype=column.dtype)
         for chunk_start, chunk in self.store.spans():
