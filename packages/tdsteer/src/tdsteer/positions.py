@@ -27,7 +27,8 @@ hooked layer. While ``torch.compile`` traces a hook (:meth:`PositionTracker.trac
 quantity that changes between calls is read from a tensor (the cache length, the prompt length, the
 ``from:k`` start, the per-row starts), so that changing them does not recompile the graph.
 
-The policies themselves live in :mod:`tdsteer.policies` (re-exported here).
+The policies themselves live in :mod:`tdsteer.policies` (re-exported here); the masks of the windows
+``"prompt:a:b"`` and ``"generated:a:b"`` in :mod:`tdsteer.windows`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from tdsteer.policies import (
     Span,
     as_policy,
     as_token_policy,
+    site_mask,
 )
+from tdsteer.windows import traced_window_mask, window_mask, window_tensor
 
 __all__ = [
     "IMAGE_POLICIES",
@@ -68,37 +71,6 @@ __all__ = [
     "past_length",
     "site_mask",
 ]
-
-
-def site_mask(policy: PositionPolicy, prefix_tokens: int, tokens: bool, length: int, device: torch.device) -> Selection:
-    """The static mask of a per-site policy (``"patches"``, ``"prefix"``) at one site.
-
-    Args:
-        policy: The policy.
-        prefix_tokens: The site's leading class / register tokens.
-        tokens: Whether the site is a token sequence (``NLC``); a feature map has no prefix tokens.
-        length: Number of positions of the activation.
-        device: Where to build a mask.
-
-    Returns:
-        :attr:`Span.ALL`, :attr:`Span.NONE`, or a bool tensor ``[1, L]``.
-
-    Examples:
-        >>> site_mask(as_policy("patches"), 1, True, 4, torch.device("cpu"))
-        tensor([[False,  True,  True,  True]])
-        >>> site_mask(as_policy("prefix"), 0, True, 4, torch.device("cpu"))
-        <Span.NONE: 'none'>
-        >>> site_mask(as_policy("patches"), 0, False, 4, torch.device("cpu"))  # a feature map
-        <Span.ALL: 'all'>
-    """
-    patches = policy.kind == "patches"
-    prefix = prefix_tokens if tokens else 0
-    if prefix <= 0:
-        return Span.ALL if patches else Span.NONE
-    if prefix >= length:
-        return Span.NONE if patches else Span.ALL
-    pos = torch.arange(length, device=device).unsqueeze(0)
-    return pos >= prefix if patches else pos < prefix
 
 
 class PositionTracker:
@@ -129,6 +101,10 @@ class PositionTracker:
         #: rows of the prompts given to the ``generate`` call in progress; ``None`` outside one
         self.prompt_rows: int | None = None
         self.from_tensor: Tensor | None = None
+        #: a window policy's ``[start, stop]`` (:mod:`tdsteer.windows`), read by compiled graphs
+        self.window_tensor: Tensor | None = None
+        #: per-row bounds of a prompt window, ``(policy, rows, device) -> (lo, hi)``: made once per generation
+        self.windows: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._arange: dict[torch.device, Tensor] = {}
         self._padding: Tensor | None = None
         # the prompt padding and the per-row starts repeated for a call's rows, on a device: made once
@@ -149,9 +125,11 @@ class PositionTracker:
         self.set_policy(policy)
 
     def set_policy(self, policy: PositionPolicy) -> None:
-        """Hold ``policy``'s ``from:k`` start as a tensor (a compiled graph reads it, so a new ``k`` does not recompile)."""
+        """Hold ``policy``'s ``from:k`` start or window bounds as a tensor (a compiled graph reads it, so a
+        new ``k`` or window does not recompile)."""
         if policy.kind == "from":
             self.from_tensor = torch.full((), policy.start, dtype=torch.long, device=self.device)
+        self.window_tensor = window_tensor(policy, self.device)
         self._masks.clear()
 
     # -- observed from the root model -------------------------------------------------------------
@@ -206,12 +184,14 @@ class PositionTracker:
         self.prompt_padding = leading_padding(mask) if isinstance(mask, Tensor) and mask.ndim == 2 else None
         self._prompt_padding_on.clear()
         self._starts_repeated.clear()
+        self.windows.clear()
         try:
             yield
         finally:
             self.prompt_length, self.prompt_tensor, self.prompt_padding, self.prompt_rows = previous
             self._prompt_padding_on.clear()
             self._starts_repeated.clear()
+            self.windows.clear()
 
     # -- set by the caller ------------------------------------------------------------------------
     def set_starts(self, starts: Tensor | None) -> None:
@@ -363,6 +343,8 @@ class PositionTracker:
             return Span.ALL
         if policy.per_site:
             raise ValueError(f"positions={policy.kind!r} is a per-site policy: use tdsteer.positions.site_mask")
+        if policy.kind.endswith("_window"):
+            return window_mask(self, policy, length, device)
         window = self.window(length)
         if policy.kind == "continuation":
             starts = self.row_starts(device)
@@ -435,8 +417,8 @@ class PositionTracker:
 
     def traced_mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Selection:
         """:meth:`mask` as a traced graph computes it: every value that changes between calls (the
-        cache length, the prompt length, the ``from:k`` start, the per-row starts) is read from a
-        tensor, so that a new value does not recompile; only what changes the graph's structure (the
+        cache length, the prompt length, the ``from:k`` start, a window's bounds, the per-row starts) is
+        read from a tensor, so that a new value does not recompile; only what changes the graph's structure (the
         policy's kind, whether ``generate`` runs, whether starts are set) is decided on the host.
 
         Examples:
@@ -448,6 +430,8 @@ class PositionTracker:
         kind = policy.kind
         if kind == "all" or policy.per_site:
             raise ValueError(f"positions={kind!r} needs no tracking")
+        if kind.endswith("_window"):
+            return traced_window_mask(self, policy, length, device)
         if kind == "continuation":
             starts = self.starts_on_device if self.starts_on_device is not None else self.starts
             if starts is not None:
