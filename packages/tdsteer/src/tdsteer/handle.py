@@ -214,8 +214,10 @@ def steer(
             ``"from:k"`` (real positions ``>= k``, counted from each row's first non-padding token).
             ``"continuation"`` steers each row from its start on, set per batch with
             ``handle.set(starts=...)``; without starts it steers, inside ``generate``, the last prompt
-            token and the generated tokens, and nothing in a plain forward call. Every policy means
-            the same with and without a KV cache. For image models, ``"patches"`` steers the token
+            token and the generated tokens, and nothing in a plain forward call. Windows, written
+            as slices: ``"generated:a:b"`` (generated tokens ``a..b-1``; ``"generated:0:8"`` the
+            first 8) and ``"prompt:a:b"`` (of each row's real prompt tokens; ``"prompt:-1:"`` its
+            last). Every policy means the same with and without a KV cache. For image models, ``"patches"`` steers the token
             positions from each site's ``prefix_tokens`` on (every position of a feature map) and
             ``"prefix"`` the class and register tokens before them.
         sites: Steer only these sites of the vector.

@@ -52,7 +52,8 @@ class SteeringVectors(HookingContextFactory):
         operator: ``"add"``, ``"ablate"``, ``"clamp"``, ``"add_norm"``, an operator object, or a
             callable ``fn(h, v, scale) -> h``.
         positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"continuation"``, an int ``k`` or
-            ``"from:k"``, ``"patches"`` or ``"prefix"`` (:mod:`tdsteer.policies`).
+            ``"from:k"``, a window ``"generated:a:b"`` or ``"prompt:a:b"``, ``"patches"`` or
+            ``"prefix"`` (:mod:`tdsteer.policies`).
         track_positions: Track positions (a root hook, a ``generate`` wrapper) even when
             ``positions`` does not need it, so that :meth:`set_positions` may switch to a policy
             that does while open. ``None``: only when needed.
@@ -121,7 +122,7 @@ class SteeringVectors(HookingContextFactory):
             if site.layout == "NLC":
                 continue
             if policy.tokens_only:
-                shown = f"positions={policy.kind if policy.kind != 'from' else f'from:{policy.start}'!r}"
+                shown = f"positions={policy.spec!r}"
                 raise ValueError(
                     f"Site {key!r} is a feature map (layout {site.layout}), which has no token positions: {shown} "
                     "applies to token sequences (NLC) only; use positions='all', 'patches' or 'prefix'"
