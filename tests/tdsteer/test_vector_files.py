@@ -194,7 +194,9 @@ def test_an_lm_eval_file_is_told_by_its_content(tmp_path):
     misnamed = tmp_path / "vector.pt"  # a tdsteer safetensors file under lm-eval's suffix
     misnamed.write_bytes(vector.save(tmp_path / "v.safetensors").read_bytes())
     exported = vector.to_lm_eval(tmp_path / "steer.bin", scale=2.0)  # lm-eval's format under another suffix
-    assert not is_lm_eval_file(misnamed) and is_lm_eval_file(exported)
+    as_safetensors = vector.to_lm_eval(tmp_path / "steer.safetensors", scale=2.0)  # even this suffix
+    assert not is_lm_eval_file(misnamed) and is_lm_eval_file(exported) and is_lm_eval_file(as_safetensors)
+    assert torch.equal(as_vector(as_safetensors)["h.1"], 2 * torch.ones(4))
     assert is_lm_eval_file(tmp_path / "missing.pt") and not is_lm_eval_file(tmp_path / "missing.safetensors")
     assert torch.equal(as_vector(misnamed)["transformer.h.1"], torch.ones(4))
     assert torch.equal(as_vector(exported)["h.1"], 2 * torch.ones(4))

@@ -221,7 +221,8 @@ def load_lm_eval(path: str | os.PathLike[str], *, prefix: str = "") -> VectorPar
         raise SteeringVectorFileError(f"No lm-eval steering file at {str(path)!r}")
     try:
         # torch checks each storage's size against its record before allocating it
-        config = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:  # a stream: torch.load would pick its reader by the file's suffix
+            config = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise SteeringVectorFileError(
             f"{str(path)!r} is not a plain-data lm-eval steering file: loading it would need code from the "
