@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 DEVICE = os.environ.get("TDSTEER_TEST_DEVICE", "cpu")
 
@@ -59,3 +60,14 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clean_dynamo() -> Iterator[None]:
+    """A clean dynamo, guarding on module hooks (the recipe of docs/benchmarks.md, 'Compiled models')."""
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
+        yield
+    torch._dynamo.reset()
+    counters.clear()  # later tests' contexts would warn about graphs compiled here

@@ -177,6 +177,28 @@ def build(model_type: str, model_class: str | None = None, seed: int = 0) -> nn.
     return getattr(transformers, model_class or default_class)(config).eval()
 
 
+def padded_prompts(lengths: list[int], *, pad: int = 0, right: bool = False, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Random prompts of ``lengths`` real tokens, padded with ``pad`` to the longest (on the left, or the right)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        real = slice(0, length) if right else slice(width - length, width)
+        ids[row, real] = torch.randint(4, 90, (length,), generator=generator)
+        mask[row, real] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generation_model(model_type: str, *, pad: int = 0) -> nn.Module:
+    """:func:`build` in float64, generating a fixed number of new tokens greedily (no eos), ``pad`` as pad id."""
+    model = build(model_type).double().eval()
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = None
+    model.generation_config.do_sample = False
+    return model
+
+
 def train_tokenizer(texts: list[str], *, kind: str = "wordlevel", **special: Any) -> Any:
     """A fast tokenizer trained on ``texts`` (WordLevel on whitespace and punctuation, or byte-level BPE)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

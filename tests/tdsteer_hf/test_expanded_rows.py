@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import build
+from hf_tiny import generation_model, padded_prompts
 from torch import Tensor, nn
 
 import tdsteer
@@ -44,21 +44,11 @@ Addition = Callable[[Tensor, Tensor], Tensor]
 
 
 def prompts() -> dict[str, Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    width = max(LENGTHS)
-    ids = torch.full((len(LENGTHS), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(LENGTHS):
-        ids[row, width - length :] = torch.randint(4, 90, (length,), generator=generator)
-        mask[row, width - length :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_prompts(LENGTHS, pad=PAD)
 
 
 def model_for(model_type: str) -> nn.Module:
-    model = build(model_type).double()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # always NEW_TOKENS new tokens
-    return model
+    return generation_model(model_type, pad=PAD)  # always NEW_TOKENS new tokens
 
 
 def site_of(model: nn.Module) -> tdsteer.Site:

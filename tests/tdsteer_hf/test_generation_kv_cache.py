@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import build
+from hf_tiny import generation_model, padded_prompts
 from torch import nn
 
 import tdsteer
@@ -25,23 +25,11 @@ PAD = 0
 
 def prompts() -> dict[str, torch.Tensor]:
     """Three left-padded prompts of 7, 5 and 3 real tokens."""
-    generator = torch.Generator().manual_seed(3)
-    lengths = [7, 5, 3]
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(4, 90, (length,), generator=generator)
-        mask[row, width - length :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_prompts([7, 5, 3], pad=PAD)
 
 
 def model_for(model_type: str) -> nn.Module:
-    model = build(model_type).double()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # always generate NEW_TOKENS tokens
-    model.generation_config.do_sample = False
-    return model
+    return generation_model(model_type, pad=PAD)  # always generate NEW_TOKENS tokens
 
 
 def generate(model: nn.Module, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import build
+from hf_tiny import generation_model, padded_prompts
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
@@ -40,22 +40,11 @@ SCALE = 8.0
 
 
 def prompts(lengths: list[int] = LENGTHS, right: bool = False) -> dict[str, Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        real = slice(0, length) if right else slice(width - length, width)
-        ids[row, real] = torch.randint(4, 90, (length,), generator=generator)
-        mask[row, real] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_prompts(lengths, pad=PAD, right=right)
 
 
 def model_for(model_type: str) -> nn.Module:
-    model = build(model_type).double().eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # always NEW_TOKENS new tokens
-    return model
+    return generation_model(model_type, pad=PAD)  # always NEW_TOKENS new tokens
 
 
 def path_of(model: nn.Module) -> str:
@@ -275,16 +264,6 @@ def test_spec_round_trips() -> None:
     for spec in ("generated:0:8", "generated:2:", "prompt:-1:", "prompt:1:-1"):
         assert tdsteer.positions.as_policy(spec).spec == spec
     assert tdsteer.positions.as_policy("prompt::").spec == "prompt:0:"
-
-
-@pytest.fixture
-def clean_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
-        yield
-    torch._dynamo.reset()
-    counters.clear()
 
 
 @pytest.mark.usefixtures("clean_dynamo")
