@@ -212,7 +212,8 @@ def test_nested_contexts_make_rules(model: torch.nn.Module) -> None:
     """ "If the condition holds steer with v1, else with v2": two contexts, one condition and its converse."""
     inputs = _inputs()
     condition, met = _condition_splitting_rows(model, inputs)
-    converse = tdsteer.Condition({"transformer.h.0": condition.direction}, condition.threshold, above=False)
+    converse = ~condition
+    assert converse.site == condition.site and converse.threshold == condition.threshold and not converse.above
     v1, v2 = torch.randn(HIDDEN), torch.randn(HIDDEN)
     with torch.no_grad():
         plain = model(**inputs, output_hidden_states=True).hidden_states[2]  # output of transformer.h.1

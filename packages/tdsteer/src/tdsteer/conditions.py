@@ -117,6 +117,23 @@ class Condition:
         side = ">" if self.above else "<"
         return f"Condition({self.site.key!r}, cosine {side} {self.threshold:.4g}, read={self.read!r})"
 
+    def __invert__(self) -> Condition:
+        """The converse (``~condition``): met by the rows this one does not meet (the same direction,
+        threshold and read, the other side; a later change of this one's threshold does not follow);
+        with nested contexts, "if c then v1 else v2".
+
+        Examples:
+            >>> import torch
+            >>> c = Condition({"h.0": torch.ones(2)}, threshold=0.2)
+            >>> ~c
+            Condition('h.0', cosine < 0.2, read='mean')
+            >>> bool((c.met(torch.tensor([0.5, 0.1])) ^ (~c).met(torch.tensor([0.5, 0.1]))).all())
+            True
+        """
+        converse = Condition({self.site.key: self.direction}, self.threshold, above=not self.above, read=self.read)
+        converse.site, converse.metadata = self.site, dict(self.metadata)
+        return converse
+
     def to_vector(self) -> SteeringVector:
         """The direction as a one-site :class:`~tdsteer.SteeringVector` whose metadata holds the
         threshold, the side and the read under ``"condition"``."""
