@@ -93,16 +93,13 @@ class ConditionGate:
         mask = tracker.attention_mask
         if mask is not None and mask.shape[1] != length:
             mask = mask[:, -length:]
-        if torch.compiler.is_compiling():
-            starts = None if tracker.starts is None else tracker.starts.to(x.device)
-            if starts is None:
-                return mask
-            within = tracker.traced_positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
-            return within if mask is None else within & mask.to(x.device).bool()
-        starts = tracker.row_starts(x.device)
+        if torch.compiler.is_compiling():  # no host-side caches while traced
+            starts, positions = tracker.traced_row_starts(x.device), tracker.traced_positions
+        else:
+            starts, positions = tracker.row_starts(x.device), tracker.positions
         if starts is None:
             return mask
-        within = tracker.positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
+        within = positions(length, x.device).unsqueeze(0) <= starts.unsqueeze(-1)
         return within if mask is None else within & mask.to(x.device, non_blocking=True).bool()
 
     def _set(self, met: Tensor | None, scores: Tensor | None) -> None:

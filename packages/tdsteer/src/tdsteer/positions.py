@@ -408,12 +408,26 @@ class PositionTracker:
     def traced_real_positions(self, length: int, device: torch.device) -> Tensor:
         """:meth:`real_positions` without host-side caches: ``[B, L]`` or ``[1, L]``."""
         pos = self.traced_positions(length, device).unsqueeze(0)
+        padding = self.traced_padding(device)
+        return pos if padding is None else pos - padding.unsqueeze(-1)
+
+    def traced_padding(self, device: torch.device) -> Tensor | None:
+        """:meth:`padding` without host-side caches: ``[B]`` or ``None``."""
         padding = self.prompt_padding
         if padding is not None:
             padding = expand_rows(padding, self.rows)
         elif self.attention_mask is not None:
             padding = leading_padding(self.attention_mask)
-        return pos if padding is None else pos - padding.to(device).unsqueeze(-1)
+        return None if padding is None else padding.to(device)
+
+    def traced_row_starts(self, device: torch.device) -> Tensor | None:
+        """:meth:`row_starts` without host-side caches (repeated for a call with several rows per prompt)."""
+        starts = self.starts_on_device if self.starts_on_device is not None else self.starts
+        if starts is None:
+            return None
+        if self._repeats_starts(self.rows):
+            starts = expand_rows(starts, self.rows)
+        return starts.to(device)
 
     def traced_mask(self, policy: PositionPolicy, length: int, device: torch.device) -> Selection:
         """:meth:`mask` as a traced graph computes it: every value that changes between calls (the
@@ -433,12 +447,10 @@ class PositionTracker:
         if kind.endswith("_window"):
             return traced_window_mask(self, policy, length, device)
         if kind == "continuation":
-            starts = self.starts_on_device if self.starts_on_device is not None else self.starts
+            starts = self.traced_row_starts(device)
             if starts is not None:
-                if self._repeats_starts(self.rows):
-                    starts = expand_rows(starts, self.rows)
                 pos = self.traced_positions(length, device).unsqueeze(0)
-                return pos >= starts.to(device).unsqueeze(-1)
+                return pos >= starts.unsqueeze(-1)
             if self.prompt_tensor is None:
                 return Span.NONE
             pos = self.traced_positions(length, device)

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from tdsteer.call_facts import expand_rows, leading_padding
 from tdsteer.policies import WINDOW_KINDS, PositionPolicy, Selection, Span
 
 
@@ -48,6 +47,7 @@ class PositionTracker(Protocol):
     def padding(self, device: torch.device) -> Tensor | None: ...
     def positions(self, length: int, device: torch.device) -> Tensor: ...
     def traced_positions(self, length: int, device: torch.device) -> Tensor: ...
+    def traced_padding(self, device: torch.device) -> Tensor | None: ...
 
 
 #: what an open end (``generated:a:``) is held as in :func:`window_tensor`: past any sequence
@@ -122,15 +122,10 @@ def traced_window_mask(
             return Span.NONE
         generated = pos - prompt.to(device)
         return ((generated >= start) & (generated < stop)).unsqueeze(0)
-    padding: Tensor | None = None
+    padding = tracker.traced_padding(device)
     if prompt is not None:
-        if tracker.prompt_padding is not None:
-            padding = expand_rows(tracker.prompt_padding, tracker.rows).to(device)
-        elif tracker.attention_mask is not None:
-            padding = leading_padding(tracker.attention_mask).to(device)
         real = prompt.to(device) if padding is None else prompt.to(device) - padding
     elif tracker.attention_mask is not None:
-        padding = leading_padding(tracker.attention_mask).to(device)
         real = tracker.attention_mask.sum(-1).to(device)
     else:
         real = pos[-1:] + 1
